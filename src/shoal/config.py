@@ -1,0 +1,323 @@
+"""Node settings: read from the environment once, validated, with clear errors.
+
+Every timing knob lives here with its default and the reason for it, so there
+is one place to look when tuning a cluster.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+TOPOLOGIES = ("gossip", "dns", "static", "cloudmap")
+TOPOLOGY_ALIASES = {"local": "gossip"}
+SINGLETON_MODES = ("mesh", "quorum", "lease")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A node address proposed by discovery or configuration: `basename@host:port`."""
+
+    basename: str
+    host: str
+    port: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.basename}@{self.host}"
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: str
+    key: str
+    ca: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a node needs. Build with `Settings.from_env()` or directly."""
+
+    cookie: str = field(repr=False)
+    basename: str = "hi"
+    host: str = "127.0.0.1"
+    port: int = 4370
+    topology: str = "dns"
+    # DNS polling (and Cloud Map) discovery.
+    discovery_endpoint: str = "ecs.local"
+    name_query: str = "hi"
+    polling_interval: float = 1.0
+    dns_server: tuple[str, int] | None = None
+    # Gossip discovery: TTL 1 keeps beacons on the local segment.
+    gossip_addr: str = "233.252.1.32"
+    gossip_port: int = 45892
+    gossip_ttl: int = 1
+    gossip_interval: float = 1.0
+    # Static discovery.
+    hosts: tuple[Peer, ...] = ()
+    # Cloud Map API discovery.
+    cloudmap_namespace: str = ""
+    cloudmap_service: str = ""
+    # Failure detection. A heartbeat every 0.5 s and a 3 s timeout tolerate
+    # five lost heartbeats (GC pauses, a busy event loop) while still finding a
+    # silent peer well inside the 5 s the design promises.
+    heartbeat_interval: float = 0.5
+    failure_timeout: float = 3.0
+    # A handshake that takes longer than this is an attack or a broken peer.
+    handshake_timeout: float = 3.0
+    # Frames above this size are refused; the connection is dropped.
+    max_frame_size: int = 8 * 1024 * 1024
+    # How long a graceful stop waits for singletons and jobs to finish.
+    drain_timeout: float = 10.0
+    tls: TLSFiles | None = None
+    singleton_mode: str = "mesh"
+    expected_nodes: int | None = None
+    lease_dsn: str | None = field(default=None, repr=False)
+    lease_ttl: float = 5.0
+    control_socket: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.basename}@{self.host}"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        settings = replace(self, **changes)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not self.cookie:
+            raise ConfigError("RELEASE_COOKIE is empty: set it to the shared cluster secret.")
+        _check_basename("NODE_NAME", self.basename)
+        _check_basename("NODE_NAME_QUERY", self.name_query)
+        _check_port("SHOAL_PORT", self.port)
+        _check_port("SHOAL_GOSSIP_PORT", self.gossip_port)
+        if self.topology not in TOPOLOGIES:
+            raise ConfigError(
+                f"TOPOLOGY_TYPE={self.topology!r} is unknown: use one of "
+                f"{', '.join((*TOPOLOGIES, *TOPOLOGY_ALIASES))}."
+            )
+        if self.singleton_mode not in SINGLETON_MODES:
+            raise ConfigError(
+                f"SHOAL_SINGLETON_MODE={self.singleton_mode!r} is unknown: use one of "
+                f"{', '.join(SINGLETON_MODES)}."
+            )
+        if self.singleton_mode == "lease" and not self.lease_dsn:
+            raise ConfigError("SHOAL_SINGLETON_MODE=lease needs SHOAL_LEASE_DSN (a Postgres DSN).")
+        if self.heartbeat_interval <= 0 or self.failure_timeout <= self.heartbeat_interval:
+            raise ConfigError(
+                "SHOAL_FAILURE_TIMEOUT_MS must be larger than SHOAL_HEARTBEAT_INTERVAL_MS, "
+                "and both positive."
+            )
+        if self.expected_nodes is not None and self.expected_nodes < 1:
+            raise ConfigError("SHOAL_EXPECTED_NODES must be at least 1.")
+        if self.topology == "cloudmap" and not (self.cloudmap_namespace and self.cloudmap_service):
+            raise ConfigError(
+                "TOPOLOGY_TYPE=cloudmap needs SHOAL_CLOUDMAP_NAMESPACE and SHOAL_CLOUDMAP_SERVICE."
+            )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read the contract's variables (see DESIGN.md / README) and validate them."""
+        env = os.environ if env is None else env
+        cookie = env.get("RELEASE_COOKIE", "")
+        if "cookie" in overrides:
+            cookie = overrides.pop("cookie")
+        if not cookie:
+            raise ConfigError(
+                "RELEASE_COOKIE is not set: every node of a cluster needs the same secret "
+                "cookie (for example `export RELEASE_COOKIE=$(openssl rand -hex 32)`)."
+            )
+        basename = env.get("NODE_NAME", "hi") or "hi"
+        topology = (env.get("TOPOLOGY_TYPE") or "dns").strip().lower()
+        topology = TOPOLOGY_ALIASES.get(topology, topology)
+        port = _int(env, "SHOAL_PORT", 4370)
+        host = env.get("NODE_HOST") or detect_host(env)
+        _check_host("NODE_HOST", host)
+        tls = None
+        tls_values = [env.get(k) for k in ("SHOAL_TLS_CERT", "SHOAL_TLS_KEY", "SHOAL_TLS_CA")]
+        if any(tls_values):
+            if not all(tls_values):
+                raise ConfigError(
+                    "TLS needs all three of SHOAL_TLS_CERT, SHOAL_TLS_KEY and SHOAL_TLS_CA."
+                )
+            for var, path in zip(("SHOAL_TLS_CERT", "SHOAL_TLS_KEY", "SHOAL_TLS_CA"), tls_values):
+                if not os.path.isfile(str(path)):
+                    raise ConfigError(f"{var}={path!r}: no such file.")
+            tls = TLSFiles(*(str(v) for v in tls_values))
+        expected = env.get("SHOAL_EXPECTED_NODES")
+        values: dict[str, Any] = dict(
+            cookie=cookie,
+            basename=basename,
+            host=host,
+            port=port,
+            topology=topology,
+            discovery_endpoint=env.get("SERVICE_DISCOVERY_ENDPOINT") or "ecs.local",
+            name_query=env.get("NODE_NAME_QUERY") or basename,
+            polling_interval=_ms(env, "POLLING_INTERVAL", 1000),
+            dns_server=_host_port("SHOAL_DNS_SERVER", env.get("SHOAL_DNS_SERVER"), 53),
+            gossip_addr=env.get("SHOAL_GOSSIP_ADDR") or "233.252.1.32",
+            gossip_port=_int(env, "SHOAL_GOSSIP_PORT", 45892),
+            gossip_ttl=_int(env, "SHOAL_GOSSIP_TTL", 1),
+            hosts=parse_hosts(env.get("SHOAL_HOSTS", ""), basename, port),
+            cloudmap_namespace=env.get("SHOAL_CLOUDMAP_NAMESPACE", ""),
+            cloudmap_service=env.get("SHOAL_CLOUDMAP_SERVICE", ""),
+            heartbeat_interval=_ms(env, "SHOAL_HEARTBEAT_INTERVAL_MS", 500),
+            failure_timeout=_ms(env, "SHOAL_FAILURE_TIMEOUT_MS", 3000),
+            handshake_timeout=_ms(env, "SHOAL_HANDSHAKE_TIMEOUT_MS", 3000),
+            drain_timeout=_ms(env, "SHOAL_DRAIN_TIMEOUT_MS", 10000),
+            tls=tls,
+            singleton_mode=(env.get("SHOAL_SINGLETON_MODE") or "mesh").strip().lower(),
+            expected_nodes=_parse_int("SHOAL_EXPECTED_NODES", expected) if expected else None,
+            lease_dsn=env.get("SHOAL_LEASE_DSN") or None,
+            lease_ttl=_ms(env, "SHOAL_LEASE_TTL_MS", 5000),
+            control_socket=env.get("SHOAL_CONTROL_SOCKET") or None,
+        )
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+
+def parse_hosts(text: str, default_basename: str, port: int) -> tuple[Peer, ...]:
+    """Parse `SHOAL_HOSTS`: comma-separated `name@host`, `host`, optionally `:port`."""
+    peers = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        basename, _, rest = item.rpartition("@")
+        basename = basename or default_basename
+        try:
+            host, peer_port = _split_host_port(rest, port)
+            _check_basename("SHOAL_HOSTS", basename)
+            _check_host("SHOAL_HOSTS", host)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"SHOAL_HOSTS entry {item!r} is not `name@host`, `host` or `host:port`: {exc}"
+            ) from None
+        peers.append(Peer(basename, host, peer_port))
+    return tuple(peers)
+
+
+def detect_host(env: Mapping[str, str]) -> str:
+    """The address to bind and advertise: ECS task metadata v4, else the primary address."""
+    uri = env.get("ECS_CONTAINER_METADATA_URI_V4")
+    if uri:
+        return ecs_task_ip(uri)
+    return primary_address()
+
+
+def ecs_task_ip(metadata_uri: str, timeout: float = 2.0) -> str:
+    """The task's private IPv4 address from the ECS container metadata endpoint v4."""
+    try:
+        with urllib.request.urlopen(metadata_uri, timeout=timeout) as response:
+            document = json.loads(response.read(1_000_000))
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        raise ConfigError(
+            f"ECS_CONTAINER_METADATA_URI_V4={metadata_uri!r} could not be read ({exc}); "
+            "set NODE_HOST to override."
+        ) from None
+    for network in document.get("Networks") or []:
+        addresses = network.get("IPv4Addresses") or network.get("IPv6Addresses") or []
+        if addresses:
+            return str(addresses[0])
+    raise ConfigError(
+        f"The ECS metadata at {metadata_uri!r} lists no network address; set NODE_HOST."
+    )
+
+
+def primary_address() -> str:
+    """The source address of the default route (no packet is sent), else loopback."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: connect() on UDP only picks a route
+        return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        probe.close()
+
+
+def _split_host_port(text: str, default_port: int) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+        return host, _parse_int("port", port_text) if port_text else default_port
+    if text.count(":") == 1:
+        host, port_text = text.split(":")
+        port = _parse_int("port", port_text)
+        _check_port("port", port)
+        return host, port
+    return text, default_port
+
+
+def _host_port(var: str, text: str | None, default_port: int) -> tuple[str, int] | None:
+    if not text:
+        return None
+    host, port = _split_host_port(text, default_port)
+    if not host:
+        raise ConfigError(f"{var}={text!r}: expected `host:port`.")
+    return host, port
+
+
+def _check_basename(var: str, name: str) -> None:
+    if not name or "@" in name or any(c.isspace() for c in name) or len(name) > 64:
+        raise ConfigError(
+            f"{var}={name!r}: a node basename is 1-64 characters without '@' or spaces."
+        )
+
+
+def _check_host(var: str, host: str) -> None:
+    if not host:
+        raise ConfigError(f"{var} is empty.")
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(
+        label and len(label) <= 63 and label.replace("-", "").replace("_", "").isalnum()
+        for label in labels
+    ):
+        raise ConfigError(f"{var}={host!r} is neither an IP address nor a host name.")
+
+
+def _check_port(var: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise ConfigError(f"{var}={port}: a port is between 1 and 65535.")
+
+
+def _parse_int(var: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{var}={text!r} is not a whole number.") from None
+
+
+def _int(env: Mapping[str, str], var: str, default: int) -> int:
+    text = env.get(var)
+    value = default if not text else _parse_int(var, text)
+    if var.endswith("PORT"):
+        _check_port(var, value)
+    return value
+
+
+def _ms(env: Mapping[str, str], var: str, default_ms: int) -> float:
+    value = _int(env, var, default_ms)
+    if value <= 0:
+        raise ConfigError(f"{var}={value}: expected a positive number of milliseconds.")
+    return value / 1000.0
