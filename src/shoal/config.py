@@ -152,7 +152,9 @@ class Settings:
                 raise ConfigError(
                     "TLS needs all three of SHOAL_TLS_CERT, SHOAL_TLS_KEY and SHOAL_TLS_CA."
                 )
-            for var, path in zip(("SHOAL_TLS_CERT", "SHOAL_TLS_KEY", "SHOAL_TLS_CA"), tls_values):
+            for var, path in zip(
+                ("SHOAL_TLS_CERT", "SHOAL_TLS_KEY", "SHOAL_TLS_CA"), tls_values, strict=True
+            ):
                 if not os.path.isfile(str(path)):
                     raise ConfigError(f"{var}={path!r}: no such file.")
             tls = TLSFiles(*(str(v) for v in tls_values))
@@ -220,7 +222,14 @@ def detect_host(env: Mapping[str, str]) -> str:
 
 
 def ecs_task_ip(metadata_uri: str, timeout: float = 2.0) -> str:
-    """The task's private IPv4 address from the ECS container metadata endpoint v4."""
+    """The task's private address from the ECS task metadata endpoint v4.
+
+    `${ECS_CONTAINER_METADATA_URI_V4}` itself returns the *container* document,
+    whose `Networks[].IPv4Addresses` (awsvpc mode, i.e. every Fargate task) is
+    the task's ENI address that peers can reach. The `/task` document nests the
+    same list under `Containers[]`; it is accepted too, in case an operator
+    points the variable there. IPv4 is preferred; IPv6 only when there is none.
+    """
     try:
         with urllib.request.urlopen(metadata_uri, timeout=timeout) as response:
             document = json.loads(response.read(1_000_000))
@@ -229,10 +238,21 @@ def ecs_task_ip(metadata_uri: str, timeout: float = 2.0) -> str:
             f"ECS_CONTAINER_METADATA_URI_V4={metadata_uri!r} could not be read ({exc}); "
             "set NODE_HOST to override."
         ) from None
-    for network in document.get("Networks") or []:
-        addresses = network.get("IPv4Addresses") or network.get("IPv6Addresses") or []
-        if addresses:
-            return str(addresses[0])
+    networks: list[Any] = []
+    if isinstance(document, dict):
+        networks.extend(document.get("Networks") or [])
+        for container in document.get("Containers") or []:
+            if isinstance(container, dict):
+                networks.extend(container.get("Networks") or [])
+    for key in ("IPv4Addresses", "IPv6Addresses"):
+        for network in networks:
+            if not isinstance(network, dict):
+                continue
+            for address in network.get(key) or []:
+                try:
+                    return str(ipaddress.ip_address(address))
+                except ValueError:
+                    continue
     raise ConfigError(
         f"The ECS metadata at {metadata_uri!r} lists no network address; set NODE_HOST."
     )

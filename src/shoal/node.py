@@ -1,0 +1,220 @@
+"""`Node`: the one object an application holds.
+
+node = Node.from_env()
+await node.start()
+reply = await node.call("hi@10.0.0.3", "greet", {"who": "vegeta"})
+await node.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from shoal import wire
+from shoal.config import Peer, Settings, parse_hosts
+from shoal.discovery import Strategy, strategy_for
+from shoal.mesh import MembershipEvent, Mesh, NodeDown
+from shoal.messaging import Handler, Messaging, Subscription
+
+log = logging.getLogger("shoal.node")
+
+MembershipListener = Callable[[MembershipEvent], None]
+
+
+class Node:
+    """A shoal node: mesh, discovery and messaging for one process."""
+
+    def __init__(self, settings: Settings, strategy: Strategy | None = None) -> None:
+        settings.validate()
+        self.settings = settings
+        self.name = settings.name
+        self.started_at = time.time()
+        self.messaging = Messaging(self.name)
+        self.mesh: Mesh | None = None
+        self._strategy = strategy
+        self._listeners: list[MembershipListener] = []
+        self._discovery_task: asyncio.Task[None] | None = None
+        self._first_round = asyncio.Event()
+        self._stop_hooks: list[Callable[[], Any]] = []
+        self.draining = False
+        self.listening = False
+        self.messaging.register("shoal.ping", lambda _payload, _sender: "pong")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Node:
+        """A node configured by the contract's environment variables (see README)."""
+        return cls(Settings.from_env(**overrides))
+
+    @property
+    def basename(self) -> str:
+        return self.settings.basename
+
+    @property
+    def cookie_fingerprint(self) -> str:
+        return wire.cookie_fingerprint(self.settings.cookie)
+
+    # lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Listen on the mesh port and start discovery. Returns once listening."""
+        self.mesh = Mesh(self.settings, self.messaging.on_frame, self._membership_changed)
+        self.messaging.mesh = self.mesh
+        await self.mesh.start()
+        self.listening = True
+        strategy = self._strategy or strategy_for(self.settings)
+        self._discovery_task = asyncio.create_task(
+            self._run_discovery(strategy), name="shoal-discovery"
+        )
+        log.info(
+            "node %s listening on %s:%d (topology %s, cookie %s)",
+            self.name,
+            self.settings.host,
+            self.settings.port,
+            self.settings.topology,
+            self.cookie_fingerprint,
+        )
+
+    async def stop(self) -> None:
+        """Leave gracefully: hand over what this node runs, tell peers, close."""
+        if self.mesh is None:
+            return
+        self.draining = True
+        for hook in reversed(self._stop_hooks):
+            try:
+                result = hook()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("error while stopping")
+        if self._discovery_task is not None:
+            self._discovery_task.cancel()
+            await asyncio.gather(self._discovery_task, return_exceptions=True)
+        await self.mesh.stop()
+        self.mesh = None
+        self.listening = False
+        log.info("node %s stopped", self.name)
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def on_stop(self, hook: Callable[[], Any]) -> None:
+        """Run `hook` (sync or async) at the start of a graceful stop, before leaving the mesh."""
+        self._stop_hooks.append(hook)
+
+    @property
+    def ready(self) -> bool:
+        """True once the mesh listens and the first discovery round has run, until draining."""
+        return self.listening and self._first_round.is_set() and not self.draining
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        async with asyncio.timeout(timeout):
+            await self._first_round.wait()
+
+    async def _run_discovery(self, strategy: Strategy) -> None:
+        try:
+            await strategy.run(self._propose)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("discovery stopped with an error; existing peers stay connected")
+            self._first_round.set()
+
+    def _propose(self, peers: Iterable[Peer]) -> None:
+        if self.mesh is not None:
+            self.mesh.propose(peers)
+        self._first_round.set()
+
+    # membership ------------------------------------------------------------
+    def nodes(self) -> list[str]:
+        """Connected peers' full names, sorted (this node not included)."""
+        return self.mesh.peers if self.mesh is not None else []
+
+    def add_listener(self, listener: MembershipListener) -> Callable[[], None]:
+        """Call `listener` on every node up/down event; returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    async def membership_events(self) -> AsyncIterator[MembershipEvent]:
+        """Node up/down events as an async iterator."""
+        queue: asyncio.Queue[MembershipEvent] = asyncio.Queue()
+        remove = self.add_listener(queue.put_nowait)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            remove()
+
+    def _membership_changed(self, event: MembershipEvent) -> None:
+        self.messaging.on_membership(event)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("membership listener failed")
+
+    async def connect(self, target: str) -> str:
+        """Connect to `name@host`, `host` or `host:port`; returns the peer's name once up."""
+        (peer,) = parse_hosts(target, self.settings.name_query, self.settings.port)
+        if peer.name in self.nodes():
+            return peer.name
+        event = asyncio.Event()
+        remove = self.add_listener(
+            lambda e: event.set() if e.kind == "up" and e.node == peer.name else None
+        )
+        try:
+            assert self.mesh is not None
+            self.mesh.propose([peer])
+            async with asyncio.timeout(self.settings.handshake_timeout + 1):
+                await event.wait()
+        except TimeoutError:
+            raise NodeDown(f"could not connect to {peer.name} at {peer.host}:{peer.port}") from None
+        finally:
+            remove()
+        return peer.name
+
+    async def ping(self, node: str, timeout: float = 5.0) -> float:
+        """Round-trip time to `node` in seconds."""
+        started = time.perf_counter()
+        await self.call(node, "shoal.ping", None, timeout=timeout)
+        return time.perf_counter() - started
+
+    # messaging -------------------------------------------------------------
+    def register(self, name: str, handler: Handler) -> None:
+        """Make `handler(payload, sender)` reachable from every node under `name`."""
+        self.messaging.register(name, handler)
+
+    async def send(self, node: str, handler: str, payload: Any) -> None:
+        await self.messaging.send(node, handler, payload)
+
+    async def call(self, node: str, handler: str, payload: Any, timeout: float = 5.0) -> Any:
+        return await self.messaging.call(node, handler, payload, timeout)
+
+    async def publish(self, topic: str, payload: Any) -> None:
+        await self.messaging.publish(topic, payload)
+
+    def subscribe(self, topic: str) -> Subscription:
+        return self.messaging.subscribe(topic)
+
+    async def wait_for(
+        self, topic: str, timeout: float, match: Callable[[Any], bool] | None = None
+    ) -> Any:
+        return await self.messaging.wait_for(topic, timeout, match)
+
+    def status(self) -> dict[str, Any]:
+        """What `shoal status` and `/cluster` show about this node."""
+        return {
+            "node": self.name,
+            "nodes": self.nodes(),
+            "ready": self.ready,
+            "draining": self.draining,
+            "topology": self.settings.topology,
+            "cookie": self.cookie_fingerprint,
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }

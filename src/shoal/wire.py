@@ -1,0 +1,258 @@
+"""Frames, message kinds and the handshake: pure functions, so they can be fuzzed.
+
+A frame is a 4-byte big-endian length followed by that many bytes of msgpack.
+Nothing from the network is ever unpickled or evaluated: msgpack decodes into
+plain data only, and every frame is bounded by a size limit.
+
+Handshake (mutual HMAC-SHA256 challenge/response over a key derived from the
+cookie; the cookie itself never travels):
+
+    dialer   -> acceptor  HELLO      version, dialer name, incarnation, nonce_d, expected name
+    acceptor -> dialer    CHALLENGE  acceptor name, incarnation, nonce_a, proof_a
+    dialer   -> acceptor  PROOF      proof_d
+    acceptor -> dialer    WELCOME | REJECT(reason)
+
+Each proof is an HMAC over the whole transcript (both names, incarnations and
+fresh nonces) with a different label per direction, so a proof can be neither
+replayed nor reflected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+# Handshake frames are tiny; an unauthenticated peer gets no more than this.
+MAX_HANDSHAKE_FRAME = 4096
+NONCE_SIZE = 32
+INCARNATION_SIZE = 8
+
+# Message kinds after the handshake: a frame is a msgpack array [kind, ...].
+HEARTBEAT = 0  # []
+MEMBERS = 1  # [[name, host, port], ...]
+SEND = 2  # [handler, payload]
+CALL = 3  # [call_id, handler, payload]
+REPLY = 4  # [call_id, ok, payload_or_error_message]
+PUBLISH = 5  # [topic, payload]
+LEAVING = 6  # []
+KINDS = frozenset({HEARTBEAT, MEMBERS, SEND, CALL, REPLY, PUBLISH, LEAVING})
+
+
+class FrameError(Exception):
+    """The peer sent something that is not a valid frame; drop the connection."""
+
+
+class HandshakeError(Exception):
+    """The handshake failed; the message says why (never includes secrets)."""
+
+
+def pack(obj: Any) -> bytes:
+    """Encode msgpack types; anything else raises a TypeError that names the type."""
+    try:
+        return msgpack.packb(obj, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(
+            f"shoal payloads must be msgpack types (None, bool, int, float, str, bytes, "
+            f"list, tuple, dict): {exc}"
+        ) from None
+
+
+def unpack(data: bytes) -> Any:
+    """Decode one msgpack value; any malformation is a FrameError."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
+
+
+def encode_frame(obj: Any) -> bytes:
+    body = pack(obj)
+    return HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Incremental frame decoder with a hard size limit.
+
+    The buffer never holds more than one frame's header plus the bytes of the
+    frame being read, so memory per connection is bounded by `max_size`.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Add bytes; return the complete frames decoded so far."""
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        offset = 0
+        size = len(buffer)
+        while size - offset >= 4:
+            (length,) = HEADER.unpack_from(buffer, offset)
+            if length > self.max_size:
+                raise FrameError(f"frame of {length} bytes exceeds the limit of {self.max_size}")
+            end = offset + 4 + length
+            if end > size:
+                break
+            frames.append(unpack(bytes(buffer[offset + 4 : end])))
+            offset = end
+        if offset:
+            del buffer[:offset]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buffer)
+
+
+def cookie_key(cookie: str, purpose: bytes = b"shoal mesh v1") -> bytes:
+    """A per-purpose key, so the cookie is never used (or exposed) directly."""
+    return hmac.new(cookie.encode(), purpose, hashlib.sha256).digest()
+
+
+def cookie_fingerprint(cookie: str) -> str:
+    """`sha256:xxxxxxxx`: shows which cookie is in use without revealing it."""
+    digest = hashlib.sha256(b"shoal fingerprint v1\x00" + cookie.encode()).hexdigest()
+    return f"sha256:{digest[:8]}"
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+def new_incarnation() -> bytes:
+    return os.urandom(INCARNATION_SIZE)
+
+
+@dataclass(frozen=True)
+class Hello:
+    version: int
+    name: str
+    port: int
+    incarnation: bytes
+    nonce: bytes
+    expected: str | None  # the acceptor name the dialer wants, if known
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "hello",
+            "v": self.version,
+            "name": self.name,
+            "port": self.port,
+            "inc": self.incarnation,
+            "nonce": self.nonce,
+            "to": self.expected,
+        }
+
+
+@dataclass(frozen=True)
+class Challenge:
+    name: str
+    incarnation: bytes
+    nonce: bytes
+    proof: bytes
+
+
+def parse_hello(msg: Any) -> Hello:
+    """Validate a HELLO frame's shape; a wrong version is reported as such."""
+    if not isinstance(msg, dict) or msg.get("t") != "hello":
+        raise HandshakeError("expected HELLO")
+    version = msg.get("v")
+    if version != PROTOCOL_VERSION:
+        raise HandshakeError(f"unsupported protocol version {version!r}")
+    name = _node_name(msg.get("name"))
+    expected = msg.get("to")
+    if expected is not None:
+        expected = _node_name(expected)
+    port = msg.get("port")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise HandshakeError("malformed port")
+    return Hello(
+        version, name, port, _blob(msg, "inc", INCARNATION_SIZE), _blob(msg, "nonce"), expected
+    )
+
+
+def make_challenge(
+    key: bytes, hello: Hello, name: str, incarnation: bytes, nonce: bytes
+) -> dict[str, Any]:
+    proof = _proof(key, b"acceptor", hello, name, incarnation, nonce)
+    return {"t": "challenge", "name": name, "inc": incarnation, "nonce": nonce, "proof": proof}
+
+
+def parse_challenge(msg: Any) -> Challenge:
+    if not isinstance(msg, dict) or msg.get("t") != "challenge":
+        if isinstance(msg, dict) and msg.get("t") == "reject":
+            raise HandshakeError(f"rejected by peer: {msg.get('reason')!r}")
+        raise HandshakeError("expected CHALLENGE")
+    return Challenge(
+        _node_name(msg.get("name")),
+        _blob(msg, "inc", INCARNATION_SIZE),
+        _blob(msg, "nonce"),
+        _blob(msg, "proof", 32),
+    )
+
+
+def verify_challenge(key: bytes, hello: Hello, challenge: Challenge) -> None:
+    expected = _proof(
+        key, b"acceptor", hello, challenge.name, challenge.incarnation, challenge.nonce
+    )
+    if not hmac.compare_digest(expected, challenge.proof):
+        raise HandshakeError("acceptor's cookie proof is wrong (different RELEASE_COOKIE?)")
+
+
+def make_proof(key: bytes, hello: Hello, challenge: Challenge) -> dict[str, Any]:
+    proof = _proof(key, b"dialer", hello, challenge.name, challenge.incarnation, challenge.nonce)
+    return {"t": "proof", "proof": proof}
+
+
+def verify_proof(
+    key: bytes, hello: Hello, name: str, incarnation: bytes, nonce: bytes, msg: Any
+) -> None:
+    if not isinstance(msg, dict) or msg.get("t") != "proof":
+        raise HandshakeError("expected PROOF")
+    proof = _blob(msg, "proof", 32)
+    expected = _proof(key, b"dialer", hello, name, incarnation, nonce)
+    if not hmac.compare_digest(expected, proof):
+        raise HandshakeError("dialer's cookie proof is wrong (different RELEASE_COOKIE?)")
+
+
+def _proof(
+    key: bytes, label: bytes, hello: Hello, name: str, incarnation: bytes, nonce: bytes
+) -> bytes:
+    transcript = pack(
+        [
+            label,
+            hello.version,
+            hello.name,
+            hello.port,
+            hello.incarnation,
+            hello.nonce,
+            name,
+            incarnation,
+            nonce,
+        ]
+    )
+    return hmac.new(key, transcript, hashlib.sha256).digest()
+
+
+def _node_name(value: Any) -> str:
+    if not isinstance(value, str) or not 3 <= len(value) <= 320 or value.count("@") != 1:
+        raise HandshakeError("malformed node name")
+    return value
+
+
+def _blob(msg: dict[str, Any], field: str, size: int = NONCE_SIZE) -> bytes:
+    value = msg.get(field)
+    if not isinstance(value, bytes) or len(value) != size:
+        raise HandshakeError(f"malformed {field}")
+    return value
