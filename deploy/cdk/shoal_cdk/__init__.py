@@ -1,0 +1,6 @@
+"""CDK constructs for running shoal clusters on ECS Fargate."""
+
+from shoal_cdk.hi_stack import ExistingVpc, HiStack
+from shoal_cdk.service import ShoalFargateService
+
+__all__ = ["ExistingVpc", "HiStack", "ShoalFargateService"]
