@@ -223,6 +223,11 @@ class Mesh:
             conn.abort()
 
     @property
+    def dialing(self) -> bool:
+        """True while a dial is in progress (the first round's dials settle before claims)."""
+        return bool(self._dialing)
+
+    @property
     def peers(self) -> list[str]:
         return sorted(self.connections)
 

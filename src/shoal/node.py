@@ -19,6 +19,7 @@ from shoal.config import Peer, Settings, parse_hosts
 from shoal.discovery import Strategy, strategy_for
 from shoal.mesh import MembershipEvent, Mesh, NodeDown
 from shoal.messaging import Handler, Messaging, Subscription
+from shoal.singleton import Service, SingletonFunc, Singletons
 
 log = logging.getLogger("shoal.node")
 
@@ -43,6 +44,7 @@ class Node:
         self.draining = False
         self.listening = False
         self.messaging.register("shoal.ping", lambda _payload, _sender: "pong")
+        self.singletons = Singletons(self)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Node:
@@ -68,6 +70,7 @@ class Node:
         self._discovery_task = asyncio.create_task(
             self._run_discovery(strategy), name="shoal-discovery"
         )
+        await self.singletons.start()
         log.info(
             "node %s listening on %s:%d (topology %s, cookie %s)",
             self.name,
@@ -185,6 +188,24 @@ class Node:
         await self.call(node, "shoal.ping", None, timeout=timeout)
         return time.perf_counter() - started
 
+    # singletons ------------------------------------------------------------
+    def singleton(
+        self, name: str | None = None, mode: str | None = None
+    ) -> Callable[[SingletonFunc], SingletonFunc]:
+        """Decorator: run `async def f(ctx)` on exactly one node of the cluster."""
+
+        def decorate(func: SingletonFunc) -> SingletonFunc:
+            self.singletons.register(name or func.__name__, func, mode)
+            return func
+
+        return decorate
+
+    def add_singleton(
+        self, name: str, target: SingletonFunc | Service, mode: str | None = None
+    ) -> None:
+        """Run `target` (an `async def f(ctx)` or an object with start/stop) on one node."""
+        self.singletons.register(name, target, mode)
+
     # messaging -------------------------------------------------------------
     def register(self, name: str, handler: Handler) -> None:
         """Make `handler(payload, sender)` reachable from every node under `name`."""
@@ -216,5 +237,6 @@ class Node:
             "draining": self.draining,
             "topology": self.settings.topology,
             "cookie": self.cookie_fingerprint,
+            "singletons": self.singletons.snapshot(),
             "uptime_s": round(time.time() - self.started_at, 3),
         }

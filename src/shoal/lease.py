@@ -1,0 +1,120 @@
+"""Leases in Postgres for `lease`-mode singletons, with fencing tokens.
+
+The database's clock alone decides expiry, so node clocks need not agree.
+Every takeover increments the token; a holder renews only its own token, so a
+paused holder that wakes up after a takeover can no longer renew, and
+`claim_tick` refuses work stamped with a stale token.
+
+asyncpg was chosen over psycopg 3: it is asyncio-native, ships wheels that need
+no libpq, and its pool reconnects after a broken connection by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+log = logging.getLogger("shoal.lease")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS shoal_leases (
+    name text PRIMARY KEY,
+    owner text NOT NULL,
+    token bigint NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shoal_job_ticks (
+    job text NOT NULL,
+    tick timestamptz NOT NULL,
+    token bigint NOT NULL,
+    PRIMARY KEY (job, tick)
+);
+"""
+
+ACQUIRE = """
+INSERT INTO shoal_leases AS l (name, owner, token, expires_at)
+VALUES ($1, $2, 1, now() + make_interval(secs => $3))
+ON CONFLICT (name) DO UPDATE
+    SET owner = EXCLUDED.owner, token = l.token + 1, expires_at = EXCLUDED.expires_at
+    WHERE l.expires_at < now()
+RETURNING token
+"""
+
+RENEW = """
+UPDATE shoal_leases SET expires_at = now() + make_interval(secs => $4)
+WHERE name = $1 AND owner = $2 AND token = $3 AND expires_at > now()
+RETURNING token
+"""
+
+RELEASE = """
+UPDATE shoal_leases SET expires_at = now() - interval '1 millisecond'
+WHERE name = $1 AND owner = $2 AND token = $3
+"""
+
+CLAIM_TICK = """
+INSERT INTO shoal_job_ticks (job, tick, token)
+SELECT $1, $2, $3
+WHERE EXISTS (
+    SELECT 1 FROM shoal_leases WHERE name = $4 AND token = $3 AND expires_at > now()
+)
+ON CONFLICT DO NOTHING
+RETURNING token
+"""
+
+PRUNE_TICKS = "DELETE FROM shoal_job_ticks WHERE tick < now() - interval '1 day'"
+
+QUERY_TIMEOUT = 2.0
+
+
+class LeaseBackend:
+    """A small pool of connections to the lease database."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str) -> LeaseBackend:
+        try:
+            import asyncpg
+        except ImportError:
+            raise RuntimeError("lease mode needs asyncpg: pip install 'shoal[lease]'") from None
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, timeout=QUERY_TIMEOUT)
+        backend = cls(pool)
+        await backend._create_schema()
+        return backend
+
+    async def _create_schema(self) -> None:
+        import asyncpg
+
+        for _ in range(3):  # concurrent CREATE IF NOT EXISTS can race on the catalog
+            try:
+                await self._pool.execute(SCHEMA, timeout=QUERY_TIMEOUT)
+                return
+            except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
+                continue
+
+    async def acquire(self, name: str, owner: str, ttl: float) -> int | None:
+        """The new fencing token if the lease was free (or expired), else None."""
+        token = await self._pool.fetchval(ACQUIRE, name, owner, ttl, timeout=QUERY_TIMEOUT)
+        if token is not None:
+            await self._pool.execute(PRUNE_TICKS, timeout=QUERY_TIMEOUT)
+        return None if token is None else int(token)
+
+    async def renew(self, name: str, owner: str, token: int, ttl: float) -> bool:
+        result = await self._pool.fetchval(RENEW, name, owner, token, ttl, timeout=QUERY_TIMEOUT)
+        return result is not None
+
+    async def release(self, name: str, owner: str, token: int) -> None:
+        """Expire our lease now, so the next node need not wait for the TTL."""
+        await self._pool.execute(RELEASE, name, owner, token, timeout=QUERY_TIMEOUT)
+
+    async def claim_tick(self, lease: str, token: int, job: str, tick: datetime) -> bool:
+        """Record that `job`'s `tick` runs under `token`; False if already run or fenced off."""
+        result = await self._pool.fetchval(
+            CLAIM_TICK, job, tick, token, lease, timeout=QUERY_TIMEOUT
+        )
+        return result is not None
+
+    async def close(self) -> None:
+        await self._pool.close()
