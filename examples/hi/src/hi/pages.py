@@ -1,0 +1,108 @@
+"""The `/` and `/krillin` pages: what the seed's page showed (self, nodes, service),
+plus singleton holders and job runs. Server-rendered; every value is escaped."""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from typing import Any
+
+# The page re-fetches itself every 2 s and swaps <main>: the server stays the
+# only renderer (and the only escaper), and the page works without JS too.
+_REFRESH = """
+<script>
+setInterval(async () => {
+  try {
+    const response = await fetch(location.href, {cache: "no-store"});
+    const page = new DOMParser().parseFromString(await response.text(), "text/html");
+    document.querySelector("main").replaceWith(page.querySelector("main"));
+  } catch (error) {
+    document.querySelector("#updated").textContent = "node unreachable";
+  }
+}, 2000);
+</script>
+"""
+
+_STYLE = """
+<style>
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 56rem;
+       padding: 0 1rem; color: #1d2330; }
+h1 { margin-bottom: .2rem; } .sub { color: #5b6475; margin-top: 0; }
+section { margin: 1.4rem 0; } h2 { font-size: 1.05rem; margin-bottom: .4rem; }
+table { border-collapse: collapse; width: 100%; }
+td, th { text-align: left; padding: .3rem .6rem; border-bottom: 1px solid #e3e6ec; }
+code { background: #f2f4f8; padding: .05rem .3rem; border-radius: 3px; }
+.ok { color: #137333; } .bad { color: #b3261e; } .muted { color: #8a93a5; }
+</style>
+"""
+
+
+def render_page(cluster: dict[str, Any], route: str) -> str:
+    """The whole HTML page for `route` ("/" or "/krillin") from a /cluster snapshot."""
+    service = escape(str(cluster.get("service", "")))
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>hi · {service}</title>"
+        '<meta name=viewport content="width=device-width, initial-scale=1">'
+        f"{_STYLE}</head><body><main>{_main(cluster, route)}</main>{_REFRESH}</body></html>"
+    )
+
+
+def _main(cluster: dict[str, Any], route: str) -> str:
+    node = escape(str(cluster.get("node", "")))
+    service = escape(str(cluster.get("service", "")))
+    ready = (
+        '<span class="ok">ready</span>'
+        if cluster.get("ready")
+        else '<span class="bad">not ready</span>'
+    )
+    peers = cluster.get("nodes") or []
+    peer_items = "".join(f"<li><code>{escape(str(p))}</code></li>" for p in peers)
+    return (
+        f"<h1>hi from <code>{node}</code></h1>"
+        f'<p class="sub">service <b>{service}</b> · route <code>{escape(route)}</code>'
+        f" · {ready} · cookie <code>{escape(str(cluster.get('cookie', '')))}</code></p>"
+        "<section><h2>This node</h2>"
+        f"<p id=self><code>{node}</code></p></section>"
+        f"<section><h2>Connected nodes ({len(peers)})</h2>"
+        + (f"<ul id=nodes>{peer_items}</ul>" if peers else '<p class="muted">none</p>')
+        + "</section><section><h2>Singletons</h2>"
+        + _singletons(cluster.get("singletons") or {})
+        + "</section><section><h2>Jobs</h2>"
+        + _jobs(cluster.get("jobs") or [])
+        + '</section><p class="muted" id=updated>refreshes every 2 s</p>'
+    )
+
+
+def _singletons(singletons: dict[str, Any]) -> str:
+    if not singletons:
+        return '<p class="muted">none registered</p>'
+    rows = "".join(
+        f"<tr><td>{escape(str(name))}</td><td><code>{escape(str(holder or '-'))}</code></td></tr>"
+        for name, holder in sorted(singletons.items())
+    )
+    return f"<table><tr><th>name</th><th>holder</th></tr>{rows}</table>"
+
+
+def _jobs(jobs: list[Any]) -> str:
+    if not jobs:
+        return '<p class="muted">none scheduled</p>'
+    columns: list[str] = []
+    for job in jobs:
+        for key in job if isinstance(job, dict) else ():
+            if key not in columns:
+                columns.append(key)
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{_cell(job.get(c))}</td>" for c in columns) + "</tr>"
+        for job in jobs
+        if isinstance(job, dict)
+    )
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return '<span class="muted">-</span>'
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return escape(text)
