@@ -1,0 +1,156 @@
+"""DNS polling against a real DNS server on loopback whose records the test changes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from shoal.config import Peer, Settings
+from shoal.discovery import strategy_for
+from shoal.discovery.dns import DNSLookupError, DNSPollStrategy, lookup_all_ips
+from tests.discovery.conftest import Rounds
+from tests.support.dns_server import FakeDNSServer
+from tests.support.procs import async_wait_until
+
+NAME = "hi.service.local"
+
+
+def settings(dns: FakeDNSServer, **overrides: object) -> Settings:
+    return Settings(
+        cookie="secret",
+        basename="hi",
+        name_query="hi",
+        host="127.0.0.2",
+        port=4370,
+        topology="dns",
+        discovery_endpoint=NAME,
+        polling_interval=0.05,
+        dns_server=dns.address,
+    ).with_overrides(**overrides)
+
+
+def peers(*ips: str) -> list[Peer]:
+    return [Peer("hi", ip, 4370) for ip in ips]
+
+
+class Running:
+    def __init__(self, strategy: DNSPollStrategy) -> None:
+        self.rounds = Rounds()
+        self.task = asyncio.create_task(strategy.run(self.rounds))
+
+    async def next_rounds(self, n: int = 2, timeout: float = 5) -> list[list[Peer]]:
+        """The rounds completed after now (at least `n` of them)."""
+        start = len(self.rounds.rounds)
+        await async_wait_until(
+            lambda: len(self.rounds.rounds) >= start + n, timeout, message=f"{n} DNS rounds"
+        )
+        assert not self.task.done(), "the polling loop must never end on its own"
+        return self.rounds.rounds[start:]
+
+
+@pytest.fixture
+async def poll(dns_server: FakeDNSServer) -> AsyncIterator[Running]:
+    running = Running(DNSPollStrategy(settings(dns_server), lifetime=0.3))
+    try:
+        yield running
+    finally:
+        running.task.cancel()
+        await asyncio.gather(running.task, return_exceptions=True)
+
+
+async def test_records_appear_then_change(dns_server: FakeDNSServer, poll: Running) -> None:
+    assert (await poll.next_rounds(1))[-1] == []  # NXDOMAIN: a round, no peers
+    dns_server.set_records(NAME, ["127.0.0.3", "127.0.0.2", "127.0.0.4"])
+    await async_wait_until(lambda: poll.rounds.last == peers("127.0.0.3", "127.0.0.4"), 5)
+    dns_server.set_records(NAME, ["127.0.0.4", "127.0.0.5"])
+    await async_wait_until(lambda: poll.rounds.last == peers("127.0.0.4", "127.0.0.5"), 5)
+    assert dns_server.query_count(NAME) >= 6  # really asked over the network, every round
+
+
+async def test_aaaa_records_are_proposed(dns_server: FakeDNSServer, poll: Running) -> None:
+    dns_server.set_records(NAME, ["::1", "fd00::7", "127.0.0.9"])
+    await async_wait_until(
+        lambda: poll.rounds.last == peers("127.0.0.9", "::1", "fd00::7"), 5, message="AAAA"
+    )
+
+
+@pytest.mark.parametrize("mode", ["servfail", "nxdomain", "timeout"])
+async def test_failures_propose_nothing_and_polling_goes_on(
+    dns_server: FakeDNSServer, poll: Running, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    dns_server.set_records(NAME, ["127.0.0.3"])
+    await async_wait_until(lambda: poll.rounds.last == peers("127.0.0.3"), 5)
+    caplog.set_level(logging.DEBUG, logger="shoal.discovery.dns")
+    dns_server.set_mode(mode)  # type: ignore[arg-type]
+    failed = await poll.next_rounds(4, timeout=10)
+    assert failed[-3:] == [[], [], []]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, "a lasting outage warns once, not every round"
+    assert {"servfail": "SERVFAIL", "nxdomain": "NXDOMAIN", "timeout": "within"}[mode] in (
+        warnings[0].getMessage()
+    )
+    dns_server.set_mode("ok")
+    await async_wait_until(lambda: poll.rounds.last == peers("127.0.0.3"), 5, message="recovery")
+    assert any("answers again" in r.getMessage() for r in caplog.records)
+
+
+async def test_timeout_round_is_bounded_by_the_lifetime(dns_server: FakeDNSServer) -> None:
+    dns_server.set_mode("timeout")
+    strategy = DNSPollStrategy(settings(dns_server), lifetime=0.3)
+    start = time.monotonic()
+    assert await strategy.poll() == []
+    assert time.monotonic() - start < 2
+
+
+async def test_unreachable_nameserver_is_a_failed_round() -> None:
+    with FakeDNSServer() as dns:
+        s = settings(dns)
+    # The server is gone: nothing listens on that port any more.
+    assert await DNSPollStrategy(s, lifetime=0.3).poll() == []
+
+
+async def test_name_query_sets_the_basename_of_proposed_peers(dns_server: FakeDNSServer) -> None:
+    dns_server.set_records(NAME, ["127.0.0.3"])
+    s = settings(dns_server, basename="vegeta", name_query="vegeta")
+    assert await DNSPollStrategy(s).poll() == [Peer("vegeta", "127.0.0.3", 4370)]
+
+
+async def test_lookup_all_ips(dns_server: FakeDNSServer) -> None:
+    dns_server.set_records(NAME, ["127.0.0.3", "::1", "127.0.0.2", "127.0.0.3"])
+    assert await lookup_all_ips(NAME, dns_server.address) == ["127.0.0.2", "127.0.0.3", "::1"]
+    assert await lookup_all_ips(NAME, dns_server.address_text) == [
+        "127.0.0.2",
+        "127.0.0.3",
+        "::1",
+    ]
+    dns_server.set_records("empty.local", [])
+    assert await lookup_all_ips("empty.local", dns_server.address) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "kind"), [("servfail", "servfail"), ("nxdomain", "nxdomain"), ("timeout", "timeout")]
+)
+async def test_lookup_all_ips_errors(dns_server: FakeDNSServer, mode: str, kind: str) -> None:
+    dns_server.set_records(NAME, ["127.0.0.3"])
+    dns_server.set_mode(mode)  # type: ignore[arg-type]
+    with pytest.raises(DNSLookupError) as raised:
+        await lookup_all_ips(NAME, dns_server.address, lifetime=0.3)
+    assert raised.value.kind == kind
+
+
+async def test_tcp_listener_answers_too(dns_server: FakeDNSServer) -> None:
+    import dns.asyncquery
+    import dns.message
+
+    dns_server.set_records(NAME, ["127.0.0.3"])
+    query = dns.message.make_query(NAME, "A")
+    response = await dns.asyncquery.tcp(query, "127.0.0.1", timeout=2, port=dns_server.port)
+    assert [rr.address for rrset in response.answer for rr in rrset] == ["127.0.0.3"]
+
+
+def test_selected_by_default_topology(dns_server: FakeDNSServer) -> None:
+    assert isinstance(strategy_for(settings(dns_server)), DNSPollStrategy)

@@ -1,0 +1,278 @@
+"""Gossip: authenticated multicast beacons, on loopback and between network namespaces."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from shoal.config import Peer, Settings
+from shoal.discovery import strategy_for
+from shoal.discovery.gossip import (
+    MAX_DATAGRAM,
+    Beacon,
+    BeaconError,
+    GossipStrategy,
+    decode_beacon,
+    encode_beacon,
+    gossip_key,
+    open_multicast_socket,
+)
+from tests.discovery.conftest import Rounds
+from tests.support.netns import Network, requires_netns
+from tests.support.procs import async_wait_until, wait_until
+
+GROUP = "233.252.1.32"
+KEY = gossip_key("secret")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def settings(host: str, gossip_port: int, **overrides: object) -> Settings:
+    return Settings(
+        cookie="secret",
+        basename="hi",
+        name_query="hi",
+        host=host,
+        topology="gossip",
+        gossip_addr=GROUP,
+        gossip_port=gossip_port,
+        gossip_interval=0.1,
+    ).with_overrides(**overrides)
+
+
+def beacon(**changes: object) -> Beacon:
+    fields: dict[str, object] = dict(
+        basename="hi", host="127.0.0.9", port=4370, timestamp=time.time(), nonce=b"n" * 16
+    )
+    fields.update(changes)
+    return Beacon(**fields)  # type: ignore[arg-type]
+
+
+# -- the beacon format ------------------------------------------------------------
+
+
+def test_beacon_round_trip_and_the_cookie_never_travels() -> None:
+    data = encode_beacon(KEY, beacon())
+    assert decode_beacon(KEY, data) == beacon(timestamp=decode_beacon(KEY, data).timestamp)
+    assert b"secret" not in data and KEY not in data
+    assert len(data) < 200
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda: encode_beacon(gossip_key("wrong"), beacon()), "bad-hmac"),
+        (lambda: encode_beacon(KEY, beacon())[:-1] + b"\x00", "bad-hmac"),
+        (lambda: b"garbage" * 10, "malformed"),
+        (lambda: b"", "malformed"),
+        (lambda: encode_beacon(KEY, beacon()) + b"x" * MAX_DATAGRAM, "oversized"),
+        (lambda: encode_beacon(KEY, beacon(timestamp=time.time() - 31)), "stale"),
+        (lambda: encode_beacon(KEY, beacon(timestamp=time.time() + 31)), "stale"),
+        (lambda: encode_beacon(KEY, beacon(host="not-an-ip")), "malformed"),
+        (lambda: encode_beacon(KEY, beacon(port=0)), "malformed"),
+        (lambda: encode_beacon(KEY, beacon(nonce=b"short")), "malformed"),
+        (lambda: encode_beacon(KEY, beacon(basename="a@b")), "malformed"),
+    ],
+)
+def test_bad_datagrams_are_rejected(make: Callable[[], bytes], kind: str) -> None:
+    with pytest.raises(BeaconError) as raised:
+        decode_beacon(KEY, make())
+    assert raised.value.kind == kind
+
+
+def test_authenticated_but_wrongly_shaped_payload_is_rejected() -> None:
+    import hashlib
+    import hmac
+
+    import msgpack
+
+    payload = msgpack.packb({"not": "a list"})
+    data = b"SHG1" + hmac.new(KEY, b"SHG1" + payload, hashlib.sha256).digest() + payload
+    with pytest.raises(BeaconError, match="unexpected payload"):
+        decode_beacon(KEY, data)
+
+
+def test_replays_and_own_beacons_are_ignored() -> None:
+    strategy = GossipStrategy(settings("127.0.0.2", 45000))
+    addr = ("127.0.0.9", 45000)
+    data = encode_beacon(KEY, beacon(nonce=b"1" * 16))
+    strategy.receive(data, addr)
+    assert strategy._recent_peers() == [Peer("hi", "127.0.0.9", 4370)]
+    strategy.receive(data, addr)
+    assert strategy.dropped == {"replay": 1}
+    own = encode_beacon(KEY, beacon(host="127.0.0.2", nonce=b"2" * 16))
+    strategy.receive(own, ("127.0.0.2", 45000))
+    assert strategy._recent_peers() == [Peer("hi", "127.0.0.9", 4370)]
+    other_service = encode_beacon(KEY, beacon(basename="krillin", host="127.0.0.8"))
+    strategy.receive(other_service, ("127.0.0.8", 45000))
+    assert strategy._recent_peers() == [Peer("hi", "127.0.0.9", 4370)]
+
+
+def test_selected_by_topology_type_and_local_alias() -> None:
+    assert isinstance(strategy_for(settings("127.0.0.2", 45000)), GossipStrategy)
+    s = Settings.from_env(
+        {"RELEASE_COOKIE": "x", "TOPOLOGY_TYPE": "local", "NODE_HOST": "127.0.0.2"}
+    )
+    assert isinstance(strategy_for(s), GossipStrategy)
+
+
+# -- on loopback (127.0.0.x aliases, no root, no setup) ---------------------------
+
+
+class Node:
+    def __init__(self, strategy: GossipStrategy) -> None:
+        self.strategy = strategy
+        self.rounds = Rounds()
+        self.started = time.monotonic()
+        self.first_round_at: float | None = None
+        self.task = asyncio.create_task(strategy.run(self._propose))
+
+    def _propose(self, peers: object) -> None:
+        if self.first_round_at is None:
+            self.first_round_at = time.monotonic()
+        self.rounds(peers)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[Callable[[Settings], Node]]:
+    started: list[Node] = []
+
+    def start(s: Settings) -> Node:
+        node = Node(GossipStrategy(s))
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.task.cancel()
+    await asyncio.gather(*(n.task for n in started), return_exceptions=True)
+
+
+def multicast_on_loopback_works(port: int) -> bool:
+    """Whether this kernel delivers multicast between 127.0.0.x sockets (Linux: yes)."""
+    try:
+        a = open_multicast_socket(GROUP, port, "127.0.0.2", 1)
+        b = open_multicast_socket(GROUP, port, "127.0.0.3", 1)
+    except OSError:
+        return False
+    with a, b:
+        b.settimeout(1)
+        a.sendto(b"probe", (GROUP, port))
+        try:
+            return b.recv(100) == b"probe"
+        except OSError:
+            return False
+
+
+async def test_two_nodes_on_loopback_hear_each_other(
+    nodes: Callable[[Settings], Node],
+) -> None:
+    port = free_udp_port()
+    if not multicast_on_loopback_works(port):
+        pytest.skip("this kernel does not deliver multicast over lo between 127.0.0.x sockets")
+    a = nodes(settings("127.0.0.2", port))
+    b = nodes(settings("127.0.0.3", port))
+    krillin = nodes(settings("127.0.0.4", port, basename="krillin", name_query="krillin"))
+    await async_wait_until(
+        lambda: (
+            Peer("hi", "127.0.0.3", 4370) in a.rounds.last
+            and Peer("hi", "127.0.0.2", 4370) in b.rounds.last
+        ),
+        timeout=5,
+        message="a and b hear each other",
+    )
+    # The first round comes after one beacon interval, when the others could be heard.
+    assert a.first_round_at is not None and a.first_round_at - a.started >= 0.09
+    assert a.rounds.seen == {Peer("hi", "127.0.0.3", 4370)}
+    assert krillin.rounds.seen == set(), "other services' beacons are not proposed"
+
+
+async def test_wrong_cookie_and_garbage_are_ignored_on_the_wire(
+    nodes: Callable[[Settings], Node],
+) -> None:
+    port = free_udp_port()
+    if not multicast_on_loopback_works(port):
+        pytest.skip("this kernel does not deliver multicast over lo between 127.0.0.x sockets")
+    a = nodes(settings("127.0.0.2", port))
+    intruder = nodes(settings("127.0.0.5", port, cookie="wrong"))
+    await async_wait_until(lambda: a.rounds.rounds, timeout=5, message="a listens")
+    with open_multicast_socket(GROUP, port, "127.0.0.6", 1) as raw:
+        raw.sendto(b"\x00garbage", (GROUP, port))
+        raw.sendto(encode_beacon(KEY, beacon(host="127.0.0.6", timestamp=0.0)), (GROUP, port))
+        replayed = encode_beacon(KEY, beacon(host="127.0.0.7", nonce=b"r" * 16))
+        raw.sendto(replayed, (GROUP, port))
+        await async_wait_until(
+            lambda: Peer("hi", "127.0.0.7", 4370) in a.rounds.seen, 5, message="fresh beacon"
+        )
+        raw.sendto(replayed, (GROUP, port))
+        await async_wait_until(
+            lambda: {"bad-hmac", "malformed", "stale", "replay"} <= set(a.strategy.dropped),
+            timeout=5,
+            message=f"all bad datagrams dropped (so far {a.strategy.dropped})",
+        )
+    assert Peer("hi", "127.0.0.5", 4370) not in a.rounds.seen
+    assert Peer("hi", "127.0.0.6", 4370) not in a.rounds.seen
+    assert "bad-hmac" in intruder.strategy.dropped  # it cannot read ours either
+    assert intruder.rounds.seen == set()
+
+
+# -- between hosts (network namespaces on a bridge; root only) --------------------
+
+GOSSIP_NODE = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from shoal.config import Settings
+    from shoal.discovery.gossip import GossipStrategy
+
+    def propose(peers):
+        print(json.dumps(sorted(p.name for p in peers)), flush=True)
+
+    settings = Settings.from_env(gossip_interval=0.2)
+    asyncio.run(asyncio.wait_for(GossipStrategy(settings).run(propose), timeout=30))
+    """
+)
+
+
+@pytest.mark.netns
+@requires_netns
+def test_gossip_between_network_namespaces(tmp_path: Path) -> None:
+    with Network(3) as net:
+        logs = {}
+        for host in net.hosts:
+            logs[host] = tmp_path / f"{host.name}.log"
+            env = {"RELEASE_COOKIE": "secret", "NODE_HOST": host.address, "TOPOLOGY_TYPE": "gossip"}
+            if host.index == 2:
+                env["RELEASE_COOKIE"] = "wrong"
+            with open(logs[host], "wb") as out:
+                host.popen(
+                    [sys.executable, "-c", GOSSIP_NODE],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+        a, b, c = net.hosts
+
+        def last_round(host: object) -> list[str]:
+            lines = [ln for ln in logs[host].read_text().splitlines() if ln.startswith("[")]
+            return json.loads(lines[-1]) if lines else []
+
+        wait_until(
+            lambda: last_round(a) == [f"hi@{b.address}"] and last_round(b) == [f"hi@{a.address}"],
+            timeout=10,
+            message="a and b hear each other across the bridge",
+        )
+        assert f"hi@{c.address}" not in logs[a].read_text(), "a wrong cookie is never proposed"
+        assert last_round(c) == []
