@@ -22,7 +22,7 @@ from cdk_nag import AwsSolutionsChecks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shoal_cdk import ExistingVpc, HiStack  # noqa: E402
+from shoal_cdk import ExistingVpc, HiStack
 
 
 def _list(app: cdk.App, key: str) -> list[str]:

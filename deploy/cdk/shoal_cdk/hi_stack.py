@@ -22,7 +22,6 @@ from aws_cdk import aws_servicediscovery as servicediscovery
 from constructs import Construct
 
 from shoal_cdk.nag import acknowledge
-
 from shoal_cdk.service import ShoalFargateService
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -207,4 +206,3 @@ class HiStack(Stack):
             ),
         )
         return vpc
-

@@ -25,6 +25,13 @@ from shoal_cdk.nag import acknowledge
 HTTP_PORT = 4000
 MESH_PORT = 4370
 CONTAINER_NAME = "app"
+POLLING_INTERVAL = Duration.seconds(1)
+# The node's graceful handover (SHOAL_DRAIN_TIMEOUT_MS); ECS waits STOP_TIMEOUT
+# after SIGTERM before SIGKILL, so the latter must be longer.
+DRAIN_TIMEOUT = Duration.seconds(10)
+STOP_TIMEOUT = Duration.seconds(30)
+# Long enough for in-flight requests, short enough for quick rolling deploys.
+DEREGISTRATION_DELAY = Duration.seconds(15)
 
 # The container's own liveness probe. The image has no curl; Python is there.
 _HEALTH_PROBE = (
@@ -59,9 +66,9 @@ class ShoalFargateService(Construct):
         memory_limit_mib: int = 512,
         http_port: int = HTTP_PORT,
         mesh_port: int = MESH_PORT,
-        polling_interval: Duration = Duration.seconds(1),
-        drain_timeout: Duration = Duration.seconds(10),
-        stop_timeout: Duration = Duration.seconds(30),
+        polling_interval: Duration = POLLING_INTERVAL,
+        drain_timeout: Duration = DRAIN_TIMEOUT,
+        stop_timeout: Duration = STOP_TIMEOUT,
         log_retention: logs.RetentionDays = logs.RetentionDays.ONE_MONTH,
         allow_all_outbound: bool = False,
         vpc_subnets: ec2.SubnetSelection | None = None,
@@ -146,7 +153,9 @@ class ShoalFargateService(Construct):
             logging=ecs.LogDrivers.aws_logs(stream_prefix=discovery_name, log_group=self.log_group),
             stop_timeout=stop_timeout,
             # A real init as PID 1 reaps the ECS exec agent's children.
-            linux_parameters=ecs.LinuxParameters(self, "LinuxParameters", init_process_enabled=True),
+            linux_parameters=ecs.LinuxParameters(
+                self, "LinuxParameters", init_process_enabled=True
+            ),
             health_check=ecs.HealthCheck(
                 command=["CMD", "python", "-c", _HEALTH_PROBE],
                 interval=Duration.seconds(10),
@@ -212,8 +221,7 @@ class ShoalFargateService(Construct):
         stack = Stack.of(log_group)
         logical_id = stack.resolve(stack.get_logical_id(log_group.node.default_child))
         resource = (
-            "arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:"
-            f"log-group:<{logical_id}>:*"
+            f"arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:<{logical_id}>:*"
         )
         acknowledge(
             self.task_definition,
@@ -242,7 +250,7 @@ class ShoalFargateService(Construct):
         self,
         construct_id: str = "TargetGroup",
         *,
-        deregistration_delay: Duration = Duration.seconds(15),
+        deregistration_delay: Duration = DEREGISTRATION_DELAY,
     ) -> elbv2.ApplicationTargetGroup:
         """An ALB target group for the HTTP port that only routes to ready nodes.
 
