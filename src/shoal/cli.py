@@ -195,9 +195,7 @@ def connect(
 
 
 @app.command()
-def jobs(
-    node: NodeOption = None, socket: SocketOption = None, as_json: JsonOption = False
-) -> None:
+def jobs(node: NodeOption = None, socket: SocketOption = None, as_json: JsonOption = False) -> None:
     """List the node's cron jobs: schedule, last run, next run, where it ran."""
     result = ask(node, socket, "jobs")
     if as_json or not isinstance(result, list):

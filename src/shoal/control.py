@@ -541,4 +541,3 @@ def live_sockets(directory: Path | None = None) -> Iterator[Path]:
     for path in candidates:
         if is_live(path):
             yield path
-
