@@ -104,7 +104,9 @@ def test_a_request_waiting_on_one_node_gets_the_event_published_on_another(
     waiter.join(5)
     response = result["response"]
     assert response.status_code == 200
-    assert response.json()["paid"] is True
+    event = response.json()["event"]
+    assert event["data"] == {"paid": True}
+    assert event["from"] == b.name
 
 
 def test_dns_polling_keeps_services_apart_and_survives_outages(procs: Procs) -> None:
