@@ -24,8 +24,10 @@ COMPOSE_FILE = DOCKER_DIR / "docker-compose.yml"
 HAPROXY_CFG = DOCKER_DIR / "haproxy.cfg"
 CDK_DIR = REPO / "deploy" / "cdk"
 VENV_BIN = REPO / ".venv" / "bin"
-# Where the Dockerfile puts the virtualenv; the repository's .venv plays its part here.
+# Where the Dockerfile puts the virtualenv and the app user's home; outside a
+# container the repository's .venv and a per-node directory play their parts.
 IMAGE_VENV = "/opt/venv"
+IMAGE_HOME = "/home/shoal"
 
 
 @dataclass
