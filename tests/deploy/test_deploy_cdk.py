@@ -347,6 +347,9 @@ def test_load_balancer_url_is_an_output(default_synth: Synthesis) -> None:
     output = default_synth.raw["Outputs"]["LoadBalancerUrl"]["Value"]
     assert output["Fn::Join"][1][0] == "http://"
     assert output["Fn::Join"][1][1]["Fn::GetAtt"][1] == "DNSName"
+    # What the README's ECS exec and log commands read.
+    for key in ("ClusterName", "VegetaServiceName", "KrillinServiceName", "VegetaLogGroup"):
+        assert key in default_synth.raw["Outputs"]
 
 
 def test_https_when_a_certificate_is_given(variant_synth: Synthesis) -> None:

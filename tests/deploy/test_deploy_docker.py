@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import http.server
+import json
 import shutil
 import socket
 import subprocess
 import threading
 import time
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import Synthesis
 from deploy_helpers import (
     COMPOSE_FILE,
     DOCKERFILE,
@@ -248,3 +251,38 @@ def route(port: int, path: str, deadline_s: float = 15.0) -> str:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def test_build_context_holds_everything_the_image_installs(
+    default_synth: Synthesis, tmp_path: Path
+) -> None:
+    """Build the project wheel from the staged (.dockerignore-filtered) context, as the
+    Dockerfile's `pip install ".[web]"` does, and check the app and its CLI are in it."""
+    manifest = json.loads(next(default_synth.outdir.glob("*.assets.json")).read_text())
+    (image,) = manifest["dockerImages"].values()
+    context = default_synth.outdir / image["source"]["directory"]
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "python"),
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "-w",
+            str(tmp_path),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("shoal-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
+        scripts = archive.read(entry_points).decode()
+    assert {"hi/app.py", "shoal/cli.py"} <= names
+    assert "hi = hi.app:main" in scripts and "shoal = shoal.cli:main" in scripts

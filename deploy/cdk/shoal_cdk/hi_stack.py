@@ -171,6 +171,8 @@ class HiStack(Stack):
         CfnOutput(self, "ClusterName", value=cluster.cluster_name)
         CfnOutput(self, "VegetaServiceName", value=self.vegeta.service.service_name)
         CfnOutput(self, "KrillinServiceName", value=self.krillin.service.service_name)
+        CfnOutput(self, "VegetaLogGroup", value=self.vegeta.log_group.log_group_name)
+        CfnOutput(self, "KrillinLogGroup", value=self.krillin.log_group.log_group_name)
 
     def _vpc(self, existing: ExistingVpc | None, vpc_id_to_look_up: str | None) -> ec2.IVpc:
         """A new two-AZ VPC, or an existing one (by attributes, or looked up by id)."""
