@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CERTIFICATE_ARN, EXISTING_VPC, Synthesis, load_cdk_app
-from deploy_helpers import CDK_DIR, REPO, clean_env
+from aws_cdk.assertions import Match
+
+from tests.deploy.cdk_synth import CERTIFICATE_ARN, EXISTING_VPC, Synthesis, load_cdk_app
+from tests.deploy.deploy_helpers import CDK_DIR, clean_env
 
 SERVICES = {"vegeta": "vegeta-service-dbz", "krillin": "krillin-service-dbz"}
 
@@ -95,7 +97,20 @@ def sg_rules(raw: dict[str, Any], group: str, direction: str) -> set[tuple[str, 
 def test_each_service_has_its_own_discovery_service(default_synth: Synthesis) -> None:
     """One Cloud Map service per ECS service, so a DNS name returns only its own tasks."""
     raw = default_synth.raw
-    assert len(resources(raw, "AWS::ServiceDiscovery::Service")) == 2
+    template = default_synth.template
+    template.resource_count_is("AWS::ServiceDiscovery::Service", 2)
+    for name in SERVICES:
+        template.has_resource_properties(
+            "AWS::ServiceDiscovery::Service",
+            {
+                "Name": name,
+                "DnsConfig": {
+                    "DnsRecords": [{"TTL": 10, "Type": "A"}],
+                    "RoutingPolicy": "MULTIVALUE",
+                    "NamespaceId": Match.any_value(),
+                },
+            },
+        )
     (namespace,) = resources(raw, "AWS::ServiceDiscovery::PrivateDnsNamespace").values()
     assert namespace["Properties"]["Name"] == "shoalhi.internal"
     seen_ecs = set()
@@ -240,6 +255,19 @@ def test_stop_timeout_must_outlast_the_drain() -> None:
 
 
 def test_services_roll_out_without_downtime_and_roll_back(default_synth: Synthesis) -> None:
+    default_synth.template.all_resources_properties(
+        "AWS::ECS::Service",
+        {
+            "DeploymentConfiguration": Match.object_like(
+                {
+                    "MinimumHealthyPercent": 100,
+                    "MaximumPercent": 200,
+                    "DeploymentCircuitBreaker": {"Enable": True, "Rollback": True},
+                }
+            ),
+            "EnableExecuteCommand": True,
+        },
+    )
     for name in SERVICES:
         _, service = ecs_service(default_synth.raw, name)
         deployment = service["DeploymentConfiguration"]
@@ -291,6 +319,7 @@ def test_cluster_has_container_insights_and_logged_exec(default_synth: Synthesis
 
 
 def test_every_log_group_has_a_retention(default_synth: Synthesis) -> None:
+    default_synth.template.all_resources_properties("AWS::Logs::LogGroup", {"RetentionInDays": 30})
     groups = resources(default_synth.raw, "AWS::Logs::LogGroup")
     assert len(groups) >= 3  # two services, ECS exec sessions, VPC flow logs
     for group in groups.values():
@@ -333,6 +362,10 @@ def test_alb_routes_krillin_paths_and_defaults_to_vegeta(default_synth: Synthesi
 
 
 def test_target_groups_check_ready_and_deregister_quickly(default_synth: Synthesis) -> None:
+    default_synth.template.all_resources_properties(
+        "AWS::ElasticLoadBalancingV2::TargetGroup",
+        {"HealthCheckPath": "/ready", "Matcher": {"HttpCode": "200"}},
+    )
     for name in SERVICES:
         group = default_synth.raw["Resources"][target_group_of(default_synth.raw, name)]
         props = group["Properties"]
@@ -344,6 +377,7 @@ def test_target_groups_check_ready_and_deregister_quickly(default_synth: Synthes
 
 
 def test_load_balancer_url_is_an_output(default_synth: Synthesis) -> None:
+    default_synth.template.has_output("LoadBalancerUrl", {"Value": Match.any_value()})
     output = default_synth.raw["Outputs"]["LoadBalancerUrl"]["Value"]
     assert output["Fn::Join"][1][0] == "http://"
     assert output["Fn::Join"][1][1]["Fn::GetAtt"][1] == "DNSName"
@@ -478,4 +512,5 @@ def test_app_py_synthesizes_offline_as_the_cli_runs_it(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "ShoalHi.template.json").is_file()
-    assert not (REPO / "deploy" / "cdk" / "cdk.context.json").exists()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert not manifest.get("missing"), "no context lookups"

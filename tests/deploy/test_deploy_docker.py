@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Synthesis
-from deploy_helpers import (
+
+from tests.deploy.cdk_synth import Synthesis
+from tests.deploy.deploy_helpers import (
     COMPOSE_FILE,
     DOCKERFILE,
     HAPROXY_CFG,
