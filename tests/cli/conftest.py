@@ -1,0 +1,5 @@
+"""Fixtures for the `shoal` CLI tests (helpers live in tests/support)."""
+
+from __future__ import annotations
+
+from tests.support.fixtures import procs  # noqa: F401
