@@ -194,7 +194,7 @@ def _safe(check: Any, member: Member) -> bool:
 
 async def run(args: argparse.Namespace, log_dir: Path) -> int:
     cookie = os.environ.get("RELEASE_COOKIE") or secrets.token_hex(32)
-    generated = "RELEASE_COOKIE" not in os.environ
+    generated = not os.environ.get("RELEASE_COOKIE")
     hosts = [h.strip() for h in args.hosts.split(",")]
     ports = [int(p) for p in args.ports.split(",")]
     cluster = Cluster(plan(hosts, ports, log_dir), cookie, args.mesh_port, sys.stdout)
