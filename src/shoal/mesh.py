@@ -13,6 +13,7 @@ and both sides reach the same decision without another round trip.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import ssl
@@ -29,8 +30,14 @@ log = logging.getLogger("shoal.mesh")
 # At most this many unauthenticated connections at once; more are refused so a
 # flood of half-open handshakes cannot exhaust memory or file descriptors.
 MAX_PENDING_HANDSHAKES = 256
+# ... and at most this many from one address, so that one flooding host cannot
+# keep other nodes from joining.
+MAX_PENDING_HANDSHAKES_PER_HOST = 32
 # Write buffer above which senders wait (`drain`) instead of queueing more.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
+# Bytes an unauthenticated peer may have buffered before we stop reading from it:
+# one maximal handshake frame and its header.
+HANDSHAKE_BUFFER = wire.MAX_HANDSHAKE_FRAME + wire.HEADER.size
 
 
 @dataclass(frozen=True)
@@ -47,13 +54,24 @@ class NodeDown(ConnectionError):
 
 
 class Connection(asyncio.Protocol):
-    """One TCP (or TLS) connection to a peer, framing included."""
+    """One TCP (or TLS) connection to a peer, framing included.
 
-    def __init__(self, mesh: Mesh, dialed: bool, expected: str | None = None) -> None:
+    Until the handshake is done, received bytes stay in the decoder and the
+    handshake task takes frames one at a time (`next_handshake_frame`); reading
+    pauses while more than one handshake frame is buffered, so an
+    unauthenticated peer cannot make us hold more than a few KiB. Frames that
+    arrive right behind the last handshake frame (the peer's first messages)
+    stay buffered too and are dispatched when the connection is established.
+    """
+
+    def __init__(
+        self, mesh: Mesh, dialed: bool, expected: str | None = None, tls_pending: bool = False
+    ) -> None:
         self.mesh = mesh
         self.dialed = dialed
         self.expected = expected
         self.peer_name: str | None = None
+        self.claimed_name: str | None = None  # from HELLO, before it is authenticated
         self.peer_host = ""
         self.peer_port = 0
         self.peer_incarnation = b""
@@ -62,8 +80,12 @@ class Connection(asyncio.Protocol):
         self.leaving = False
         self.transport: asyncio.Transport | None = None
         self.decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_FRAME)
-        self.handshake_frames: asyncio.Queue[Any] = asyncio.Queue()
-        self.closed = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.made = loop.create_future()
+        self.closed = loop.create_future()
+        self._tls_pending = tls_pending
+        self._handshake_data = asyncio.Event()
+        self._reading_paused = False
         self.last_received = time.monotonic()
         self.last_sent = time.monotonic()
         self._out: list[bytes] = []
@@ -74,27 +96,42 @@ class Connection(asyncio.Protocol):
     # asyncio.Protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.set_transport(transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.address = f"{peer[0]}:{peer[1]}"
+        if self._tls_pending:
+            # Not a byte may reach us before TLS is layered on (`Mesh._start_tls`).
+            transport.pause_reading()
+        if not self.made.done():
+            self.made.set_result(None)
+
+    def set_transport(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
+        if not self.established:
+            self.decoder.append(data)
+            if self.decoder.pending > HANDSHAKE_BUFFER and self.transport is not None:
+                self.transport.pause_reading()
+                self._reading_paused = True
+            self._handshake_data.set()
+            return
         try:
             frames = self.decoder.feed(data)
         except wire.FrameError as exc:
             self.mesh.report_bad_peer(self, str(exc))
             self.abort()
             return
-        if not self.established:
-            for frame in frames:
-                self.handshake_frames.put_nowait(frame)
-            return
+        self._dispatch(frames)
+
+    def _dispatch(self, frames: list[Any]) -> None:
+        dispatch = self.mesh.dispatch
         for frame in frames:
             try:
-                self.mesh.dispatch(self, frame)
+                dispatch(self, frame)
             except wire.FrameError as exc:
                 self.mesh.report_bad_peer(self, str(exc))
                 self.abort()
@@ -103,7 +140,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
-        self.handshake_frames.put_nowait(None)
+        self._handshake_data.set()
         self._writable.set()
         self.mesh.connection_closed(self)
 
@@ -116,10 +153,7 @@ class Connection(asyncio.Protocol):
     # sending ---------------------------------------------------------------
     def send(self, frame: Any) -> None:
         """Queue a frame; frames queued in one loop iteration go out in one write."""
-        self._out.append(wire.encode_frame(frame))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self.send_encoded(wire.encode_frame(frame))
 
     def send_encoded(self, data: bytes) -> None:
         self._out.append(data)
@@ -151,11 +185,48 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def reject(self, reason: str) -> None:
+        """Tell an unauthenticated peer why the handshake failed, then close."""
+        self.send(wire.reject(reason))
+        self.close()
+
+    # handshake -------------------------------------------------------------
     async def next_handshake_frame(self) -> Any:
-        frame = await self.handshake_frames.get()
-        if frame is None:
-            raise wire.HandshakeError("connection closed during handshake")
-        return frame
+        """The next frame of the handshake; HandshakeError if the peer sends junk or leaves."""
+        while True:
+            try:
+                frames = self.decoder.feed(max_frames=1)
+            except wire.FrameError as exc:
+                raise wire.HandshakeError(str(exc)) from None
+            if frames:
+                if self._reading_paused and self.decoder.pending <= HANDSHAKE_BUFFER:
+                    self._resume_reading()
+                return frames[0]
+            if self.closed.done():
+                raise wire.HandshakeError("connection closed during handshake")
+            self._handshake_data.clear()
+            await self._handshake_data.wait()
+
+    def finish_handshake(self, max_frame_size: int) -> None:
+        """Switch to established mode and deliver what arrived behind the handshake."""
+        self.decoder.max_size = max_frame_size
+        self.established = True
+        self.last_received = time.monotonic()
+        if self._reading_paused:
+            self._resume_reading()
+        if self.decoder.pending:
+            try:
+                frames = self.decoder.feed()
+            except wire.FrameError as exc:
+                self.mesh.report_bad_peer(self, str(exc))
+                self.abort()
+                return
+            self._dispatch(frames)
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
 
 class Mesh:
@@ -176,7 +247,9 @@ class Mesh:
         self.connections: dict[str, Connection] = {}
         self._dialing: dict[str, asyncio.Task[None]] = {}
         self._superseded: set[str] = set()
-        self._handshaking = 0
+        self._handshaking: collections.Counter[str] = collections.Counter()  # by host
+        self._refused = 0
+        self._refused_logged = -1.0
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -191,7 +264,9 @@ class Mesh:
                 lambda: self._accepted(),
                 host=self.settings.host,
                 port=self.settings.port,
-                ssl=self._server_ssl,
+                # TLS is layered on in the handshake task (`_start_tls`), so that
+                # its deadline, the pending-handshake cap and the bad-peer log
+                # cover the TLS handshake too.
                 reuse_address=True,
                 backlog=512,
             )
@@ -274,19 +349,24 @@ class Mesh:
                     port=peer.port,
                     ssl=self._client_ssl,
                     server_hostname=peer.host if self._client_ssl else None,
+                    ssl_handshake_timeout=(
+                        self.settings.handshake_timeout if self._client_ssl else None
+                    ),
                 )
                 await self._dialer_handshake(conn, peer)
-        except (OSError, TimeoutError, wire.HandshakeError, ssl.SSLError) as exc:
-            if conn is not None:
-                conn.abort()
+        except (OSError, TimeoutError, wire.HandshakeError) as exc:
+            if conn is not None and conn.transport is not None:
+                if not conn.transport.is_closing():
+                    conn.abort()
+            where = f"{peer.name} at {peer.host}:{peer.port}"
             if isinstance(exc, wire.HandshakeError) and "duplicate" in str(exc):
                 log.debug("dial to %s superseded by its own dial", peer.name)
             elif isinstance(exc, wire.HandshakeError):
-                log.warning(
-                    "handshake with %s at %s:%s failed: %s", peer.name, peer.host, peer.port, exc
-                )
+                log.warning("handshake with %s failed: %s", where, exc)
+            elif isinstance(exc, ssl.SSLError):
+                log.warning("TLS handshake with %s failed: %s", where, exc)
             else:
-                log.debug("cannot reach %s at %s:%s: %r", peer.name, peer.host, peer.port, exc)
+                log.debug("cannot reach %s: %r", where, exc)
         finally:
             self._superseded.discard(peer.name)
 
@@ -302,13 +382,16 @@ class Mesh:
         conn.send(hello.to_wire())
         challenge = wire.parse_challenge(await conn.next_handshake_frame())
         if challenge.name != peer.name:
+            conn.reject("wrong node")
             raise wire.HandshakeError(f"expected {peer.name}, found {challenge.name}")
-        wire.verify_challenge(self._key, hello, challenge)
+        try:
+            wire.verify_challenge(self._key, hello, challenge)
+        except wire.HandshakeError:
+            # Say so, so that the acceptor logs the failure as well as we do.
+            conn.reject("cookie")
+            raise
         conn.send(wire.make_proof(self._key, hello, challenge))
-        result = await conn.next_handshake_frame()
-        if not isinstance(result, dict) or result.get("t") != "welcome":
-            reason = result.get("reason") if isinstance(result, dict) else None
-            raise wire.HandshakeError(f"rejected: {reason}")
+        wire.parse_welcome(await conn.next_handshake_frame())
         if peer.name in self._superseded or peer.name in self.connections or self._stopping:
             conn.close()
             return
@@ -316,41 +399,74 @@ class Mesh:
 
     # accepting -------------------------------------------------------------
     def _accepted(self) -> Connection:
-        conn = Connection(self, dialed=False)
+        conn = Connection(self, dialed=False, tls_pending=self._server_ssl is not None)
         task = asyncio.create_task(self._acceptor_handshake(conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return conn
 
     async def _acceptor_handshake(self, conn: Connection) -> None:
-        if self._handshaking >= MAX_PENDING_HANDSHAKES:
-            log.warning("refusing %s: too many handshakes in progress", conn.address)
+        await conn.made  # the task starts before the transport calls connection_made
+        host = conn.address.rpartition(":")[0]
+        if (
+            self._handshaking.total() >= MAX_PENDING_HANDSHAKES
+            or self._handshaking[host] >= MAX_PENDING_HANDSHAKES_PER_HOST
+        ):
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged >= 1.0:  # a flood must not flood the log too
+                self._refused_logged = now
+                log.warning(
+                    "refusing %s: too many handshakes in progress (%d refused so far)",
+                    conn.address,
+                    self._refused,
+                )
             conn.abort()
             return
-        self._handshaking += 1
+        self._handshaking[host] += 1
         try:
             async with asyncio.timeout(self.settings.handshake_timeout):
+                if self._server_ssl is not None:
+                    await self._start_tls(conn, self._server_ssl)
                 await self._acceptor_steps(conn)
         except TimeoutError:
             self.report_bad_peer(conn, "handshake did not finish in time")
             conn.abort()
-        except wire.HandshakeError as exc:
-            if not conn.closed.done():
+        except (wire.HandshakeError, OSError) as exc:
+            if isinstance(exc, ssl.SSLError):
+                self.report_bad_peer(conn, f"TLS handshake failed: {exc}")
+            elif isinstance(exc, wire.HandshakeError) and "closed during" not in str(exc):
                 self.report_bad_peer(conn, str(exc))
             else:
                 log.info("peer at %s left during the handshake", conn.address)
-            conn.abort()
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.abort()
         finally:
-            self._handshaking -= 1
+            self._handshaking[host] -= 1
+            if not self._handshaking[host]:
+                del self._handshaking[host]
+
+    async def _start_tls(self, conn: Connection, context: ssl.SSLContext) -> None:
+        assert conn.transport is not None
+        transport = await asyncio.get_running_loop().start_tls(
+            conn.transport,
+            conn,
+            context,
+            server_side=True,
+            ssl_handshake_timeout=self.settings.handshake_timeout,
+        )
+        if transport is None:  # the peer closed during the TLS handshake
+            raise wire.HandshakeError("connection closed during handshake")
+        conn.set_transport(transport)
 
     async def _acceptor_steps(self, conn: Connection) -> None:
         try:
             hello = wire.parse_hello(await conn.next_handshake_frame())
         except wire.HandshakeError as exc:
             if "version" in str(exc):
-                conn.send({"t": "reject", "reason": "version"})
-                conn.close()
+                conn.reject("version")
             raise
+        conn.claimed_name = hello.name
         nonce = wire.new_nonce()
         conn.send(wire.make_challenge(self._key, hello, self.name, self.incarnation, nonce))
         wire.verify_proof(
@@ -368,8 +484,7 @@ class Mesh:
             reason = self._duplicate_check(hello)
         if reason is not None:
             log.debug("rejecting %s from %s: %s", hello.name, conn.address, reason)
-            conn.send({"t": "reject", "reason": reason})
-            conn.close()
+            conn.reject(reason)
             return
         conn.send({"t": "welcome"})
         self._establish(
@@ -404,9 +519,6 @@ class Mesh:
         conn.peer_incarnation = incarnation
         conn.peer_host = host
         conn.peer_port = port
-        conn.decoder.max_size = self.settings.max_frame_size
-        conn.established = True
-        conn.last_received = time.monotonic()
         old = self.connections.get(name)
         self.connections[name] = conn
         if old is not None:
@@ -414,9 +526,10 @@ class Mesh:
             self._on_event(MembershipEvent("down", name, "replaced"))
         log.info("node up: %s (%s)", name, "dialed" if conn.dialed else "accepted")
         self._on_event(MembershipEvent("up", name))
-        # Whatever was queued before establishment (none) is irrelevant; tell
-        # everybody about the new member so the mesh completes transitively.
+        # Tell everybody about the new member so the mesh completes transitively,
+        # then handle what the peer sent right behind its last handshake frame.
         self._announce_members()
+        conn.finish_handshake(self.settings.max_frame_size)
 
     def connection_closed(self, conn: Connection) -> None:
         name = conn.peer_name
@@ -469,7 +582,12 @@ class Mesh:
         self.propose(peers)
 
     def report_bad_peer(self, conn: Connection, why: str) -> None:
-        who = conn.peer_name or "unauthenticated peer"
+        if conn.peer_name is not None:
+            who = conn.peer_name
+        elif conn.claimed_name is not None:
+            who = f"unauthenticated peer (claiming to be {conn.claimed_name})"
+        else:
+            who = "unauthenticated peer"
         log.warning("dropping %s at %s: %s", who, conn.address, why)
 
     # failure detection -----------------------------------------------------

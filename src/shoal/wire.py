@@ -89,25 +89,43 @@ class FrameDecoder:
         self.max_size = max_size
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[Any]:
-        """Add bytes; return the complete frames decoded so far."""
+    def feed(self, data: bytes = b"", max_frames: int | None = None) -> list[Any]:
+        """Add bytes; return the complete frames decoded so far (at most `max_frames`).
+
+        With `max_frames`, undecoded frames stay buffered for a later call; the
+        caller then bounds memory itself (the mesh stops reading meanwhile).
+        After a FrameError the buffer is emptied: the connection is to be dropped.
+        """
         buffer = self._buffer
-        buffer += data
-        frames = []
+        if data:
+            buffer += data
+        frames: list[Any] = []
         offset = 0
         size = len(buffer)
-        while size - offset >= 4:
-            (length,) = HEADER.unpack_from(buffer, offset)
-            if length > self.max_size:
-                raise FrameError(f"frame of {length} bytes exceeds the limit of {self.max_size}")
-            end = offset + 4 + length
-            if end > size:
-                break
-            frames.append(unpack(bytes(buffer[offset + 4 : end])))
-            offset = end
+        try:
+            while size - offset >= 4:
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+                (length,) = HEADER.unpack_from(buffer, offset)
+                if length > self.max_size:
+                    raise FrameError(
+                        f"frame of {length} bytes exceeds the limit of {self.max_size}"
+                    )
+                end = offset + 4 + length
+                if end > size:
+                    break
+                frames.append(unpack(bytes(buffer[offset + 4 : end])))
+                offset = end
+        except FrameError:
+            buffer.clear()
+            raise
         if offset:
             del buffer[:offset]
         return frames
+
+    def append(self, data: bytes) -> None:
+        """Buffer bytes without decoding them; the caller bounds how much (see `pending`)."""
+        self._buffer += data
 
     @property
     def pending(self) -> int:
@@ -117,13 +135,19 @@ class FrameDecoder:
 
 def cookie_key(cookie: str, purpose: bytes = b"shoal mesh v1") -> bytes:
     """A per-purpose key, so the cookie is never used (or exposed) directly."""
-    return hmac.new(cookie.encode(), purpose, hashlib.sha256).digest()
+    return hmac.new(_cookie_bytes(cookie), purpose, hashlib.sha256).digest()
 
 
 def cookie_fingerprint(cookie: str) -> str:
     """`sha256:xxxxxxxx`: shows which cookie is in use without revealing it."""
-    digest = hashlib.sha256(b"shoal fingerprint v1\x00" + cookie.encode()).hexdigest()
+    digest = hashlib.sha256(b"shoal fingerprint v1\x00" + _cookie_bytes(cookie)).hexdigest()
     return f"sha256:{digest[:8]}"
+
+
+def _cookie_bytes(cookie: str) -> bytes:
+    # The environment's bytes as they were: a cookie that is not valid UTF-8
+    # reaches Python with surrogate escapes, and must not crash the node.
+    return cookie.encode("utf-8", "surrogateescape")
 
 
 def new_nonce() -> bytes:
@@ -192,7 +216,7 @@ def make_challenge(
 def parse_challenge(msg: Any) -> Challenge:
     if not isinstance(msg, dict) or msg.get("t") != "challenge":
         if isinstance(msg, dict) and msg.get("t") == "reject":
-            raise HandshakeError(f"rejected by peer: {msg.get('reason')!r}")
+            raise HandshakeError(f"rejected by peer: {_reason(msg)}")
         raise HandshakeError("expected CHALLENGE")
     return Challenge(
         _node_name(msg.get("name")),
@@ -218,6 +242,12 @@ def make_proof(key: bytes, hello: Hello, challenge: Challenge) -> dict[str, Any]
 def verify_proof(
     key: bytes, hello: Hello, name: str, incarnation: bytes, nonce: bytes, msg: Any
 ) -> None:
+    if isinstance(msg, dict) and msg.get("t") == "reject":
+        hint = ": our cookie proof is wrong for it (different RELEASE_COOKIE?)"
+        raise HandshakeError(
+            f"the peer gave up the handshake ({_reason(msg)})"
+            + (hint if msg.get("reason") == "cookie" else "")
+        )
     if not isinstance(msg, dict) or msg.get("t") != "proof":
         raise HandshakeError("expected PROOF")
     proof = _blob(msg, "proof", 32)
@@ -243,6 +273,24 @@ def _proof(
         ]
     )
     return hmac.new(key, transcript, hashlib.sha256).digest()
+
+
+def parse_welcome(msg: Any) -> None:
+    """The acceptor's verdict: WELCOME returns, REJECT (or anything else) raises."""
+    if isinstance(msg, dict) and msg.get("t") == "welcome":
+        return
+    if isinstance(msg, dict) and msg.get("t") == "reject":
+        raise HandshakeError(f"rejected: {_reason(msg)}")
+    raise HandshakeError("expected WELCOME")
+
+
+def reject(reason: str) -> dict[str, Any]:
+    return {"t": "reject", "reason": reason}
+
+
+def _reason(msg: dict[str, Any]) -> str:
+    """A peer's stated reason, safe to log (bounded, no control characters)."""
+    return repr(msg.get("reason"))[:80]
 
 
 def _node_name(value: Any) -> str:

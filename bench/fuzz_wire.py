@@ -1,0 +1,127 @@
+"""Coverage-guided fuzzing of the frame decoder and the handshake parsers (atheris).
+
+    .venv/bin/python bench/fuzz_wire.py -max_total_time=300        # 5 minutes
+    .venv/bin/python bench/fuzz_wire.py -runs=20000 corpus_dir/    # keep a corpus
+
+Each input is split into chunks (sizes taken from its first bytes) and fed to a
+`FrameDecoder`, first with the handshake limit, then with a larger one; every
+decoded frame goes through every handshake parser. The only exceptions allowed
+are `FrameError` and `HandshakeError`; the decoder's buffer must never exceed
+one frame (limit + 4-byte header). Anything else is a crash, and libFuzzer
+writes the input that caused it to `crash-*` in the current directory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import atheris
+
+from shoal import wire
+
+
+def _instrument_wire() -> None:
+    """Coverage-instrument shoal.wire only (instrumenting its imports takes seconds)."""
+    for value in list(vars(wire).values()):
+        if inspect.isfunction(value) and value.__module__ == wire.__name__:
+            atheris.instrument_func(value)
+        elif inspect.isclass(value) and value.__module__ == wire.__name__:
+            for member in vars(value).values():
+                if inspect.isfunction(member):
+                    atheris.instrument_func(member)
+
+
+_instrument_wire()
+
+KEY = wire.cookie_key("fuzz-cookie")
+HELLO = wire.Hello(wire.PROTOCOL_VERSION, "a@127.0.0.1", 4370, b"i" * 8, b"n" * 32, "b@127.0.0.1")
+
+
+def parse_everything(frame: Any) -> None:
+    parsers = (
+        wire.parse_hello,
+        wire.parse_challenge,
+        wire.parse_welcome,
+        lambda m: wire.verify_challenge(KEY, HELLO, wire.parse_challenge(m)),
+        lambda m: wire.verify_proof(KEY, HELLO, "b@127.0.0.1", b"j" * 8, b"m" * 32, m),
+    )
+    for parse in parsers:
+        try:
+            parse(frame)
+        except wire.HandshakeError:
+            pass
+
+
+def decode(data: bytes, limit: int) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    chunk_sizes = [fdp.ConsumeIntInRange(0, 64) for _ in range(fdp.ConsumeIntInRange(0, 8))]
+    rest = fdp.ConsumeBytes(fdp.remaining_bytes())
+    decoder = wire.FrameDecoder(limit)
+    offset = 0
+    chunks = []
+    for size in chunk_sizes:
+        chunks.append(rest[offset : offset + size])
+        offset += size
+    chunks.append(rest[offset:])
+    try:
+        for chunk in chunks:
+            for frame in decoder.feed(chunk):
+                parse_everything(frame)
+            if decoder.pending > limit + wire.HEADER.size:
+                raise AssertionError(f"decoder holds {decoder.pending} bytes, limit {limit}")
+    except wire.FrameError:
+        if decoder.pending:
+            raise AssertionError("a failed decoder kept its buffer") from None
+
+
+def test_one_input(data: bytes) -> None:
+    decode(data, wire.MAX_HANDSHAKE_FRAME)
+    decode(data, 1 << 16)
+
+
+def seed_corpus() -> str:
+    """A temporary corpus of valid handshake streams, so the fuzzer starts deep."""
+    challenge = wire.make_challenge(KEY, HELLO, "b@127.0.0.1", b"j" * 8, b"m" * 32)
+    messages: list[Any] = [
+        HELLO.to_wire(),
+        challenge,
+        wire.make_proof(KEY, HELLO, wire.parse_challenge(challenge)),
+        {"t": "welcome"},
+        wire.reject("version"),
+        [wire.SEND, "handler", {"payload": [1, 2.5, b"x", None]}],
+    ]
+    directory = tempfile.mkdtemp(prefix="shoal-fuzz-corpus-")
+    for i, message in enumerate(messages):
+        with open(os.path.join(directory, f"seed-{i}"), "wb") as f:
+            f.write(b"\x00" + wire.encode_frame(message))  # no chunk sizes, one chunk
+    with open(os.path.join(directory, "seed-all"), "wb") as f:
+        f.write(b"\x00" + b"".join(wire.encode_frame(m) for m in messages))
+    return directory
+
+
+def main() -> None:
+    if os.environ.get("SHOAL_FUZZ_CHILD") or any(not a.startswith("-") for a in sys.argv[1:]):
+        atheris.Setup(sys.argv, test_one_input)
+        atheris.Fuzz()  # exits the process when done
+    # No corpus directory given: fuzz in a child process from a temporary seed
+    # corpus, and remove it afterwards (libFuzzer exits without Python's cleanup).
+    corpus = seed_corpus()
+    try:
+        child = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], corpus],
+            env={**os.environ, "SHOAL_FUZZ_CHILD": "1"},
+            check=False,
+        )
+    finally:
+        shutil.rmtree(corpus, ignore_errors=True)
+    sys.exit(child.returncode)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Frames: length prefix + msgpack, decoded incrementally with a hard size limit.
+
+Whatever bytes arrive, the decoder returns frames or raises `FrameError`:
+nothing else escapes, it never loops forever, and it never holds more than one
+frame (header + limit) of undecoded bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shoal import wire
+from tests.wire.strategies import chunkings, msgpack_values
+
+LIMIT = 1024
+
+
+def feed_all(decoder: wire.FrameDecoder, chunks: list[bytes]) -> list[Any]:
+    """Feed chunk by chunk, checking the memory bound after every call."""
+    frames: list[Any] = []
+    for chunk in chunks:
+        frames.extend(decoder.feed(chunk))
+        assert decoder.pending <= decoder.max_size + wire.HEADER.size
+    return frames
+
+
+@given(st.lists(msgpack_values, max_size=8), st.data())
+def test_frames_round_trip_in_any_chunking(values: list[Any], data: st.DataObject) -> None:
+    stream = b"".join(wire.encode_frame(v) for v in values)
+    chunks = data.draw(chunkings(stream))
+    decoder = wire.FrameDecoder(max_size=len(stream) + 1)
+    assert feed_all(decoder, chunks) == values
+    assert decoder.pending == 0
+
+
+@given(msgpack_values)
+def test_pack_unpack_round_trip(value: Any) -> None:
+    assert wire.unpack(wire.pack(value)) == value
+
+
+@given(st.binary(max_size=4096), st.data())
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_random_bytes_give_frames_or_frame_error(garbage: bytes, data: st.DataObject) -> None:
+    decoder = wire.FrameDecoder(LIMIT)
+    try:
+        feed_all(decoder, data.draw(chunkings(garbage)))
+    except wire.FrameError:
+        assert decoder.pending == 0  # a failed decoder lets go of its buffer
+
+
+@given(st.lists(msgpack_values, min_size=1, max_size=4), st.data())
+def test_truncated_stream_yields_only_whole_frames(values: list[Any], data: st.DataObject) -> None:
+    encoded = [wire.encode_frame(v) for v in values]
+    stream = b"".join(encoded)
+    cut = data.draw(st.integers(0, len(stream) - 1))
+    decoder = wire.FrameDecoder(max_size=len(stream))
+    frames = feed_all(decoder, data.draw(chunkings(stream[:cut])))
+    whole = 0
+    total = 0
+    for frame in encoded:
+        if total + len(frame) > cut:
+            break
+        total += len(frame)
+        whole += 1
+    assert frames == values[:whole]
+    assert decoder.pending == cut - total
+
+
+@given(st.integers(LIMIT + 1, 2**32 - 1), st.binary(max_size=64))
+def test_oversized_length_prefix_is_refused_at_once(length: int, tail: bytes) -> None:
+    decoder = wire.FrameDecoder(LIMIT)
+    with pytest.raises(wire.FrameError, match="exceeds the limit"):
+        # Only the header arrived: the decoder must not wait for 4 GiB first.
+        decoder.feed(struct.pack(">I", length) + tail)
+    assert decoder.pending == 0
+
+
+@given(st.binary(min_size=1, max_size=LIMIT))
+def test_frame_of_exactly_the_limit_is_accepted(body: bytes) -> None:
+    packed = wire.pack(body)
+    decoder = wire.FrameDecoder(len(packed))
+    assert decoder.feed(wire.HEADER.pack(len(packed)) + packed) == [body]
+
+
+@given(st.lists(msgpack_values, max_size=6), st.integers(1, 3), st.data())
+def test_max_frames_leaves_the_rest_buffered(
+    values: list[Any], max_frames: int, data: st.DataObject
+) -> None:
+    stream = b"".join(wire.encode_frame(v) for v in values)
+    decoder = wire.FrameDecoder(max_size=len(stream) + 1)
+    decoder.append(stream)
+    got: list[Any] = []
+    for _ in range(len(values) + 1):
+        batch = decoder.feed(max_frames=max_frames)
+        assert len(batch) <= max_frames
+        got.extend(batch)
+    assert got == values
+    assert decoder.pending == 0
+
+
+def test_invalid_msgpack_body_is_a_frame_error() -> None:
+    # 0xc1 is the one byte msgpack never uses.
+    with pytest.raises(wire.FrameError, match="undecodable"):
+        wire.FrameDecoder(LIMIT).feed(b"\x00\x00\x00\x01\xc1")
+
+
+def test_trailing_bytes_inside_a_frame_are_a_frame_error() -> None:
+    body = wire.pack(1) + wire.pack(2)
+    with pytest.raises(wire.FrameError):
+        wire.FrameDecoder(LIMIT).feed(wire.HEADER.pack(len(body)) + body)
+
+
+def test_deep_nesting_is_a_frame_error_not_a_crash() -> None:
+    body = b"\x91" * 100_000 + b"\xc0"  # 100k nested one-element arrays
+    with pytest.raises(wire.FrameError):
+        wire.FrameDecoder(len(body)).feed(wire.HEADER.pack(len(body)) + body)
+
+
+def test_declared_container_larger_than_frame_is_a_frame_error() -> None:
+    body = b"\xdd\xff\xff\xff\xff"  # array32 claiming 4 billion items, none present
+    with pytest.raises(wire.FrameError):
+        wire.FrameDecoder(LIMIT).feed(wire.HEADER.pack(len(body)) + body)
+
+
+def test_non_msgpack_payload_fails_at_the_sender_with_type_error() -> None:
+    with pytest.raises(TypeError, match="msgpack types"):
+        wire.encode_frame({"when": object()})

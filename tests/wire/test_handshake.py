@@ -1,0 +1,241 @@
+"""The handshake's pure functions: mutual HMAC proofs over the whole transcript.
+
+A correct transcript verifies in both directions; any change to it (a flipped
+bit, another cookie, swapped nonces or names) makes verification fail; the
+acceptor's proof can never pass as the dialer's (no reflection); and parsing
+arbitrary peer messages raises only `HandshakeError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from shoal import wire
+from tests.wire.strategies import msgpack_values
+
+cookies = st.text(min_size=1, max_size=40)
+_name_chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="@")
+names = st.builds(
+    lambda base, host: f"{base}@{host}",
+    st.text(_name_chars, min_size=1, max_size=20),
+    st.text(_name_chars, min_size=1, max_size=40),
+)
+ports = st.integers(1, 65535)
+nonces = st.binary(min_size=wire.NONCE_SIZE, max_size=wire.NONCE_SIZE)
+incarnations = st.binary(min_size=wire.INCARNATION_SIZE, max_size=wire.INCARNATION_SIZE)
+
+
+@dataclass
+class Transcript:
+    key: bytes
+    hello: wire.Hello
+    acceptor: str
+    incarnation: bytes
+    nonce: bytes
+
+    def challenge(self) -> wire.Challenge:
+        msg = wire.make_challenge(self.key, self.hello, self.acceptor, self.incarnation, self.nonce)
+        return wire.parse_challenge(wire.unpack(wire.pack(msg)))
+
+    def proof(self) -> dict[str, Any]:
+        return wire.make_proof(self.key, self.hello, self.challenge())
+
+
+@st.composite
+def transcripts(draw: st.DrawFn) -> Transcript:
+    hello = wire.Hello(
+        wire.PROTOCOL_VERSION,
+        draw(names),
+        draw(ports),
+        draw(incarnations),
+        draw(nonces),
+        draw(st.none() | names),
+    )
+    return Transcript(
+        wire.cookie_key(draw(cookies)), hello, draw(names), draw(incarnations), draw(nonces)
+    )
+
+
+def acceptor_verifies(t: Transcript, proof_msg: Any) -> None:
+    wire.verify_proof(t.key, t.hello, t.acceptor, t.incarnation, t.nonce, proof_msg)
+
+
+def flip(data: bytes, bit: int) -> bytes:
+    bit %= len(data) * 8
+    out = bytearray(data)
+    out[bit // 8] ^= 1 << (bit % 8)
+    return bytes(out)
+
+
+@given(transcripts())
+def test_a_correct_transcript_verifies_both_ways(t: Transcript) -> None:
+    hello = wire.parse_hello(wire.unpack(wire.pack(t.hello.to_wire())))
+    assert hello == t.hello
+    challenge = t.challenge()
+    wire.verify_challenge(t.key, hello, challenge)  # the dialer checks the acceptor
+    acceptor_verifies(t, wire.unpack(wire.pack(t.proof())))  # the acceptor checks the dialer
+    assert wire.parse_welcome({"t": "welcome"}) is None
+
+
+@given(transcripts(), st.integers(0, 255))
+def test_a_flipped_bit_in_either_proof_fails(t: Transcript, bit: int) -> None:
+    challenge = t.challenge()
+    with pytest.raises(wire.HandshakeError, match="acceptor's cookie proof"):
+        wire.verify_challenge(t.key, t.hello, replace(challenge, proof=flip(challenge.proof, bit)))
+    proof = t.proof()
+    with pytest.raises(wire.HandshakeError, match="dialer's cookie proof"):
+        acceptor_verifies(t, {**proof, "proof": flip(proof["proof"], bit)})
+
+
+@given(transcripts(), cookies)
+def test_another_cookie_fails_in_both_directions(t: Transcript, other: str) -> None:
+    other_key = wire.cookie_key(other)
+    assume(other_key != t.key)
+    # The acceptor has the other cookie: its proof fails at the dialer.
+    wrong_acceptor = replace(t, key=other_key)
+    with pytest.raises(wire.HandshakeError):
+        wire.verify_challenge(t.key, t.hello, wrong_acceptor.challenge())
+    # The dialer has the other cookie: its proof fails at the acceptor.
+    with pytest.raises(wire.HandshakeError):
+        acceptor_verifies(t, wrong_acceptor.proof())
+
+
+@given(transcripts(), st.sampled_from(["nonce", "incarnation", "acceptor"]), st.data())
+def test_any_change_to_the_acceptor_side_of_the_transcript_fails(
+    t: Transcript, field: str, data: st.DataObject
+) -> None:
+    challenge = t.challenge()
+    if field == "nonce":
+        changed = replace(challenge, nonce=data.draw(nonces))
+    elif field == "incarnation":
+        changed = replace(challenge, incarnation=data.draw(incarnations))
+    else:
+        changed = replace(challenge, name=data.draw(names))
+    assume(changed != challenge)
+    with pytest.raises(wire.HandshakeError):
+        wire.verify_challenge(t.key, t.hello, changed)
+
+
+@given(transcripts(), st.sampled_from(["name", "port", "incarnation", "nonce"]), st.data())
+def test_any_change_to_the_hello_fails(t: Transcript, field: str, data: st.DataObject) -> None:
+    strategy = {"name": names, "port": ports, "incarnation": incarnations, "nonce": nonces}[field]
+    changed = replace(t.hello, **{field: data.draw(strategy)})
+    assume(changed != t.hello)
+    with pytest.raises(wire.HandshakeError):
+        wire.verify_challenge(t.key, changed, t.challenge())
+    with pytest.raises(wire.HandshakeError):
+        acceptor_verifies(replace(t, hello=changed), t.proof())
+
+
+@given(transcripts())
+def test_swapped_nonces_fail(t: Transcript) -> None:
+    assume(t.hello.nonce != t.nonce)
+    swapped = replace(t, hello=replace(t.hello, nonce=t.nonce), nonce=t.hello.nonce)
+    with pytest.raises(wire.HandshakeError):
+        wire.verify_challenge(t.key, t.hello, swapped.challenge())
+    with pytest.raises(wire.HandshakeError):
+        acceptor_verifies(t, swapped.proof())
+
+
+@given(transcripts())
+def test_swapped_names_fail(t: Transcript) -> None:
+    assume(t.hello.name != t.acceptor)
+    swapped = replace(t, hello=replace(t.hello, name=t.acceptor), acceptor=t.hello.name)
+    with pytest.raises(wire.HandshakeError):
+        acceptor_verifies(t, swapped.proof())
+
+
+@given(transcripts())
+def test_the_acceptors_proof_cannot_be_reflected_as_the_dialers(t: Transcript) -> None:
+    challenge = t.challenge()
+    with pytest.raises(wire.HandshakeError, match="dialer's cookie proof"):
+        acceptor_verifies(t, {"t": "proof", "proof": challenge.proof})
+    # Nor the other way round: a dialer's proof is no acceptor's proof.
+    reflected = replace(challenge, proof=t.proof()["proof"])
+    with pytest.raises(wire.HandshakeError, match="acceptor's cookie proof"):
+        wire.verify_challenge(t.key, t.hello, reflected)
+
+
+@given(st.one_of(st.integers(), st.text(), st.none(), st.binary(max_size=4)))
+def test_hello_with_another_version_is_reported_as_a_version_problem(version: Any) -> None:
+    assume(version != wire.PROTOCOL_VERSION)
+    msg = {**wire.Hello(1, "a@b", 1, b"i" * 8, b"n" * 32, None).to_wire(), "v": version}
+    with pytest.raises(wire.HandshakeError, match="version"):
+        wire.parse_hello(msg)
+
+
+handshake_like = st.fixed_dictionaries(
+    {"t": st.sampled_from(["hello", "challenge", "proof", "welcome", "reject"])},
+    optional={
+        "v": st.integers(0, 3) | msgpack_values,
+        "name": names | msgpack_values,
+        "to": names | msgpack_values,
+        "port": ports | msgpack_values,
+        "inc": incarnations | msgpack_values,
+        "nonce": nonces | msgpack_values,
+        "proof": st.binary(min_size=32, max_size=32) | msgpack_values,
+        "reason": msgpack_values,
+    },
+)
+
+
+@given(msgpack_values | handshake_like, transcripts())
+def test_parsing_any_peer_message_raises_only_handshake_error(msg: Any, t: Transcript) -> None:
+    parsers = [
+        wire.parse_hello,
+        wire.parse_challenge,
+        wire.parse_welcome,
+        lambda m: acceptor_verifies(t, m),
+        lambda m: wire.verify_challenge(t.key, t.hello, wire.parse_challenge(m)),
+    ]
+    for parse in parsers:
+        try:
+            parse(msg)
+        except wire.HandshakeError as exc:
+            assert len(str(exc)) < 300  # bounded, so a peer cannot flood the log
+
+
+def test_reject_reasons_are_reported_and_bounded() -> None:
+    with pytest.raises(wire.HandshakeError, match="version"):
+        wire.parse_challenge(wire.reject("version"))
+    with pytest.raises(wire.HandshakeError, match="rejected") as info:
+        wire.parse_welcome({"t": "reject", "reason": "x" * 5000})
+    assert len(str(info.value)) < 200
+    with pytest.raises(wire.HandshakeError, match="RELEASE_COOKIE"):
+        wire.verify_proof(
+            b"k",
+            wire.Hello(1, "a@b", 1, b"i" * 8, b"n" * 32, None),
+            "c@d",
+            b"i" * 8,
+            b"n" * 32,
+            wire.reject("cookie"),
+        )
+
+
+def test_the_cookie_never_appears_in_what_is_sent() -> None:
+    cookie = "very-secret-cookie-value"
+    key = wire.cookie_key(cookie)
+    hello = wire.Hello(1, "a@h", 4370, b"i" * 8, b"n" * 32, "b@h")
+    challenge_msg = wire.make_challenge(key, hello, "b@h", b"j" * 8, b"m" * 32)
+    proof_msg = wire.make_proof(key, hello, wire.parse_challenge(challenge_msg))
+    sent = b"".join(wire.encode_frame(m) for m in (hello.to_wire(), challenge_msg, proof_msg))
+    assert cookie.encode() not in sent and key not in sent
+    assert wire.cookie_fingerprint(cookie).startswith("sha256:")
+    assert cookie not in wire.cookie_fingerprint(cookie)
+
+
+@given(st.text(max_size=40))
+def test_any_cookie_string_gives_a_key_even_with_surrogate_escapes(cookie: str) -> None:
+    # RELEASE_COOKIE bytes that are not UTF-8 arrive as surrogate escapes.
+    assume(cookie)
+    try:
+        raw = cookie.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        assume(False)  # not something os.environ can hold
+    assert len(wire.cookie_key(cookie)) == 32
+    assert wire.cookie_key(cookie) == wire.cookie_key(raw.decode("utf-8", "surrogateescape"))
