@@ -1,0 +1,269 @@
+"""Property tests: fire times equal croniter's away from DST edges, and follow the documented
+DST policy at the edges (checked against a brute-force oracle, second by second)."""
+
+from __future__ import annotations
+
+import calendar
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from shoal.cron import CronError, CronSchedule
+
+MONTHS = ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
+DAYS = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"]
+DST_ZONES = ["Europe/Berlin", "America/New_York"]
+
+
+def field(lo: int, hi: int, names: list[str] | None = None) -> st.SearchStrategy[str]:
+    """One cron field: *, a value, a range, a step, or a list of those."""
+    value = st.integers(lo, hi)
+    word = value.map(lambda v: names[v - lo] if names else str(v))
+    single = st.one_of(value.map(str), word) if names else value.map(str)
+    span = st.tuples(value, value).map(sorted).map(lambda ab: f"{ab[0]}-{ab[1]}")
+    step = st.tuples(st.one_of(st.just("*"), span), st.integers(1, hi - lo + 1)).map(
+        lambda bs: f"{bs[0]}/{bs[1]}"
+    )
+    listed = st.lists(st.one_of(single, span), min_size=2, max_size=4).map(",".join)
+    return st.one_of(st.just("*"), single, span, step, listed)
+
+
+SECOND = field(0, 59)
+MINUTE = field(0, 59)
+HOUR = field(0, 23)
+DOM = st.one_of(field(1, 31), st.sampled_from(["L", "15W", "1W"]))
+MONTH = field(1, 12, MONTHS)
+DOW = st.one_of(field(0, 6, DAYS), st.sampled_from(["1#2", "5#3", "L5", "MON-FRI"]))
+YEAR = st.one_of(st.just("*"), field(2024, 2040))
+
+
+@st.composite
+def expressions(draw: st.DrawFn) -> str:
+    """A 5-, 6- (seconds first) or 7-field (plus year) expression."""
+    core = [draw(MINUTE), draw(HOUR), draw(DOM), draw(MONTH), draw(DOW)]
+    form = draw(st.sampled_from([5, 6, 7]))
+    if form == 5:
+        return " ".join(core)
+    fields = [draw(SECOND), *core]
+    if form == 7:
+        fields.append(draw(YEAR))
+    return " ".join(fields)
+
+
+def valid(expr: str) -> bool:
+    try:
+        croniter.expand(expr, second_at_beginning=True, strict=True)
+    except Exception:
+        return False
+    return True
+
+
+def croniter_next(expr: str, start: datetime) -> datetime | None:
+    try:
+        found: datetime = croniter(expr, start, ret_type=datetime,
+                                   second_at_beginning=True).get_next()
+    except Exception as exc:
+        if type(exc).__name__ == "CroniterBadDateError":
+            return None
+        raise
+    return found
+
+
+START = st.datetimes(min_value=datetime(2001, 1, 1), max_value=datetime(2037, 12, 31))
+
+
+@settings(max_examples=150, deadline=None)
+@given(expr=expressions(), start=START)
+def test_utc_fire_times_equal_croniter(expr: str, start: datetime) -> None:
+    assume(valid(expr))
+    try:
+        schedule = CronSchedule.parse(expr, "UTC")
+    except CronError as exc:
+        assert "never fires" in str(exc)
+        return
+    t: datetime | None = start.replace(tzinfo=UTC)
+    for _ in range(4):
+        assert t is not None
+        expected = croniter_next(expr, t)
+        got = schedule.next_after(t)
+        assert got == expected, (expr, t)
+        if got is None:
+            return
+        t = got
+
+
+def offset_constant(zone: ZoneInfo, a: datetime, b: datetime) -> bool:
+    """No UTC-offset change between a and b (checked every six hours and at both ends)."""
+    base = a.astimezone(zone).utcoffset()
+    t = a
+    while t < b:
+        if t.astimezone(zone).utcoffset() != base:
+            return False
+        t += timedelta(hours=6)
+    return b.astimezone(zone).utcoffset() == base
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(expr=expressions(), start=START, zone_name=st.sampled_from(
+    [*DST_ZONES, "Asia/Tokyo", "Australia/Sydney", "America/Sao_Paulo"]))
+def test_zoned_fire_times_equal_croniter_away_from_dst(
+    expr: str, start: datetime, zone_name: str
+) -> None:
+    assume(valid(expr))
+    zone = ZoneInfo(zone_name)
+    try:
+        schedule = CronSchedule.parse(expr, zone)
+    except CronError:
+        return
+    aware = start.replace(tzinfo=zone)
+    assume(aware.astimezone(UTC).astimezone(zone).replace(tzinfo=None) == start)  # exists
+    expected = croniter_next(expr, aware)
+    got = schedule.next_after(aware)
+    if expected is None or got is None:
+        assert expected is got
+        return
+    end = max(expected, got)
+    assume(end - aware < timedelta(days=400) and offset_constant(zone, aware, end))
+    assert got == expected
+
+
+# -- DST edges against a brute-force oracle --------------------------------------------------
+
+
+def transition(zone_name: str, year: int, spring: bool) -> datetime:
+    """The UTC instant of a DST change, from the published rules (not from zoneinfo)."""
+    cal = calendar.Calendar()
+    if zone_name == "Europe/Berlin":  # last Sunday of March / October, 01:00 UTC
+        month = 3 if spring else 10
+        day = max(d for d, wd in cal.itermonthdays2(year, month) if d and wd == 6)
+        return datetime(year, month, day, 1, tzinfo=UTC)
+    # America/New_York since 2007: 2nd Sunday of March 07:00 UTC, 1st Sunday of Nov 06:00 UTC
+    month = 3 if spring else 11
+    sundays = [d for d, wd in cal.itermonthdays2(year, month) if d and wd == 6]
+    return datetime(year, month, sundays[1] if spring else sundays[0], 7 if spring else 6,
+                    tzinfo=UTC)
+
+
+class Matcher:
+    """An independent matcher for plain fields (no L/W/#), from croniter's expanded sets."""
+
+    def __init__(self, expr: str) -> None:
+        expanded, _ = croniter.expand(expr, second_at_beginning=True)
+
+        def values(i: int, full: range) -> set[int]:
+            return set(full) if expanded[i] == ["*"] else {int(v) for v in expanded[i]}
+
+        self.minute = values(0, range(60))
+        self.hour = values(1, range(24))
+        self.dom_any, self.dow_any = expanded[2] == ["*"], expanded[4] == ["*"]
+        self.dom = values(2, range(1, 32))
+        self.month = values(3, range(1, 13))
+        self.dow = {v % 7 for v in values(4, range(7))}
+        self.second = values(5, range(60)) if len(expanded) > 5 else {0}
+
+    def __call__(self, w: datetime) -> bool:
+        if not (w.second in self.second and w.minute in self.minute and w.hour in self.hour
+                and w.month in self.month):
+            return False
+        dom_ok, dow_ok = w.day in self.dom, (w.weekday() + 1) % 7 in self.dow
+        if not self.dom_any and not self.dow_any:
+            return dom_ok or dow_ok  # cron's OR when both day fields are restricted
+        return dom_ok and dow_ok
+
+
+def oracle(schedule: CronSchedule, match: Matcher, lo: datetime, hi: datetime,
+           trans: datetime) -> list[datetime]:
+    """Every fire instant in [lo, hi] under the documented policy, by walking each second."""
+    zone = schedule.tz
+    found: set[datetime] = set()
+    u = lo
+    while u <= hi:
+        local = u.astimezone(zone)
+        if match(local.replace(tzinfo=None)) and (schedule.is_interval or local.fold == 0):
+            found.add(u)  # wall-clock schedules: only the first pass through a repeat
+        u += timedelta(seconds=1)
+    if not schedule.is_interval:  # a matching wall time inside a gap fires at the gap's end
+        before = (trans - timedelta(seconds=1)).astimezone(zone).replace(tzinfo=None)
+        after = trans.astimezone(zone).replace(tzinfo=None)
+        w = before + timedelta(seconds=1)
+        while w < after:
+            if match(w):
+                found.add(trans)
+                break
+            w += timedelta(seconds=1)
+    return sorted(found)
+
+
+PLAIN_DOM = st.one_of(st.just("*"), st.integers(1, 31).map(str))
+NEAR_HOURS = st.sampled_from(["*", "2", "1", "3", "1-3", "*/2", "2,3", "0-2", "1,2", "5"])
+
+
+@st.composite
+def dst_expressions(draw: st.DrawFn) -> str:
+    """Expressions that fire near 01:00-03:00 local time, where the changes happen."""
+    seconds = draw(st.sampled_from(["0", "*/5", "*/20", "15,45", "7", "*"]))
+    minutes = draw(st.sampled_from(["*", "0", "30", "*/15", "0,45", "59", "10-20"]))
+    return f"{seconds} {minutes} {draw(NEAR_HOURS)} {draw(PLAIN_DOM)} * *"
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(
+    expr=dst_expressions(),
+    zone_name=st.sampled_from(DST_ZONES),
+    year=st.integers(2008, 2037),
+    spring=st.booleans(),
+    starts=st.lists(st.integers(-80 * 60, 80 * 60), min_size=8, max_size=8),
+)
+def test_dst_edges_follow_the_policy(
+    expr: str, zone_name: str, year: int, spring: bool, starts: list[int]
+) -> None:
+    trans = transition(zone_name, year, spring)
+    zone = ZoneInfo(zone_name)
+    # The rules computed above really are the zone's transitions.
+    assert (trans - timedelta(seconds=1)).astimezone(zone).utcoffset() != \
+        trans.astimezone(zone).utcoffset()
+    schedule = CronSchedule.parse(expr, zone)
+    lo, hi = trans - timedelta(minutes=90), trans + timedelta(minutes=90)
+    expected_fires = oracle(schedule, Matcher(expr), lo, hi, trans)
+    assume(expected_fires)
+    for delta in starts:
+        start = trans + timedelta(seconds=delta, microseconds=delta % 7 * 100_000)
+        later = [f for f in expected_fires if f > start]
+        if not later:
+            continue
+        assert schedule.next_after(start) == later[0], (expr, start.isoformat())
+    # Walking fire to fire reproduces the oracle's list: nothing doubled, nothing lost.
+    walked: list[datetime] = []
+    t = lo - timedelta(microseconds=1)
+    while (nxt := schedule.next_after(t)) is not None and nxt <= hi:
+        walked.append(nxt.astimezone(UTC))
+        t = nxt
+    assert walked == expected_fires
+
+
+@settings(max_examples=100, deadline=None)
+@given(expr=expressions(), zone_name=st.sampled_from(DST_ZONES), start=START,
+       hours=st.integers(1, 24 * 400))
+def test_latest_in_is_the_last_fire_before_until(
+    expr: str, zone_name: str, start: datetime, hours: int
+) -> None:
+    assume(valid(expr))
+    try:
+        schedule = CronSchedule.parse(expr, zone_name)
+    except CronError:
+        return
+    after = start.replace(tzinfo=UTC)
+    until = after + timedelta(hours=hours, microseconds=start.microsecond)
+    latest = schedule.latest_in(after, until)
+    if latest is None:
+        nxt = schedule.next_after(after)
+        assert nxt is None or nxt > until
+        return
+    assert after < latest <= until
+    nxt = schedule.next_after(latest)
+    assert nxt is None or nxt > until
