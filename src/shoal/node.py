@@ -17,8 +17,10 @@ from typing import Any
 from shoal import wire
 from shoal.config import Peer, Settings, parse_hosts
 from shoal.discovery import Strategy, strategy_for
+from shoal.jobs import ClusterJobs
 from shoal.mesh import MembershipEvent, Mesh, NodeDown
 from shoal.messaging import Handler, Messaging, Subscription
+from shoal.scheduler import Scheduler
 from shoal.singleton import Service, SingletonFunc, Singletons
 
 log = logging.getLogger("shoal.node")
@@ -45,6 +47,8 @@ class Node:
         self.listening = False
         self.messaging.register("shoal.ping", lambda _payload, _sender: "pong")
         self.singletons = Singletons(self)
+        self.scheduler = Scheduler(node=self.name)
+        self.jobs = ClusterJobs(self, self.scheduler)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Node:
@@ -71,6 +75,7 @@ class Node:
             self._run_discovery(strategy), name="shoal-discovery"
         )
         await self.singletons.start()
+        await self.scheduler.start()
         log.info(
             "node %s listening on %s:%d (topology %s, cookie %s)",
             self.name,
@@ -85,6 +90,9 @@ class Node:
         if self.mesh is None:
             return
         self.draining = True
+        # Hand over first (the handover gap is what peers wait for), then drain the rest.
+        await self.singletons.stop()
+        await self.scheduler.stop(self.settings.drain_timeout)
         for hook in reversed(self._stop_hooks):
             try:
                 result = hook()
@@ -206,6 +214,11 @@ class Node:
         """Run `target` (an `async def f(ctx)` or an object with start/stop) on one node."""
         self.singletons.register(name, target, mode)
 
+    def job(self, schedule: str, **options: Any) -> Callable[[Any], Any]:
+        """Decorator: a cron job (Quantum syntax), once per cluster unless `run_strategy` says
+        otherwise. Options as `Scheduler.job`: name, tz, overlap, timeout, misfire, ..."""
+        return self.scheduler.job(schedule, **options)
+
     # messaging -------------------------------------------------------------
     def register(self, name: str, handler: Handler) -> None:
         """Make `handler(payload, sender)` reachable from every node under `name`."""
@@ -238,5 +251,6 @@ class Node:
             "topology": self.settings.topology,
             "cookie": self.cookie_fingerprint,
             "singletons": self.singletons.snapshot(),
+            "jobs": self.scheduler.jobs_snapshot(),
             "uptime_s": round(time.time() - self.started_at, 3),
         }

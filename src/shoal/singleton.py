@@ -106,7 +106,6 @@ class Singletons:
         self._lock = asyncio.Lock()
         node.register(STATE_HANDLER, self._on_peer_state)
         node.add_listener(self._on_membership)
-        node.on_stop(self.stop)
 
     # public API --------------------------------------------------------------
     def register(self, name: str, func: SingletonFunc | Service, mode: str | None = None) -> None:
@@ -263,9 +262,15 @@ class Singletons:
         return (peers + 1) * 2 > expected
 
     def _quorum_delay(self) -> float:
-        return self._drain_bound("quorum") + self.settings.heartbeat_interval
+        return self.drain_bound("quorum") + self.settings.heartbeat_interval
 
-    def _drain_bound(self, mode: str) -> float:
+    @property
+    def lease_backend(self) -> LeaseBackend | None:
+        """The Postgres lease store, when a lease-mode singleton is registered."""
+        return self._lease
+
+    def drain_bound(self, mode: str) -> float:
+        """How long a released singleton task may take to stop, per mode."""
         if mode == "quorum":
             return min(self.settings.drain_timeout, 1.0)
         if mode == "lease":
@@ -350,7 +355,7 @@ class Singletons:
         log.info("singleton %s: stopping on %s (%s)", item.name, self.node.name, why)
         if task is not None and not task.done():
             task.cancel()
-            done, _ = await asyncio.wait([task], timeout=self._drain_bound(item.mode))
+            done, _ = await asyncio.wait([task], timeout=self.drain_bound(item.mode))
             if not done:
                 log.warning("singleton %s did not stop within its drain bound", item.name)
         if item.mode == "lease" and self._lease is not None and self._stopping:
@@ -384,7 +389,7 @@ class Singletons:
                         self._lease.renew(item.name, self._owner, item.token, ttl), ttl / 3
                     )
                     if ok:
-                        item.lease_valid_until = started + ttl - self._drain_bound("lease")
+                        item.lease_valid_until = started + ttl - self.drain_bound("lease")
                     else:
                         await self._release(item, "lease lost")
                 elif self.node.ready and not self._stopping:
@@ -392,7 +397,7 @@ class Singletons:
                         self._lease.acquire(item.name, self._owner, ttl), ttl / 3
                     )
                     if token is not None:
-                        item.lease_valid_until = started + ttl - self._drain_bound("lease")
+                        item.lease_valid_until = started + ttl - self.drain_bound("lease")
                         self._claim(item, token)
             except (OSError, TimeoutError) as exc:
                 log.warning("singleton %s: lease store unreachable (%s)", item.name, exc)

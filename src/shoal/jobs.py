@@ -1,0 +1,159 @@
+"""The scheduler across the cluster: leadership, shared job state, and where a tick runs.
+
+- Cluster jobs (the default strategy) tick only on the holder of the singleton
+  `shoal.scheduler`, so they run once per cluster in the singleton's mode.
+- Every change of a job's state (tick started, finished) is sent to all peers
+  before the job function runs, so a new leader knows the last tick that was
+  started and never runs it again; `run_once` jobs catch up once.
+- `all` and `local` jobs run on every node; `random` jobs tick on every node
+  and run on the one node that a hash of (job, tick) picks from the sorted
+  membership, so connected nodes with the same view agree without talking.
+- In `lease` mode a tick also needs a row in Postgres stamped with the current
+  fencing token, so a holder paused past its lease cannot run a tick twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from shoal.scheduler import Job, JobState, RunResult, Scheduler
+from shoal.singleton import SingletonContext
+
+if TYPE_CHECKING:
+    from shoal.node import Node
+
+log = logging.getLogger("shoal.jobs")
+
+LEADER_SINGLETON = "shoal.scheduler"
+STATE_HANDLER = "shoal.jobs.state"
+RUN_HANDLER = "shoal.jobs.run"
+
+
+class ClusterJobs:
+    """Connects a node's `Scheduler` to the cluster. Reached as `node.jobs`."""
+
+    def __init__(self, node: Node, scheduler: Scheduler) -> None:
+        self.node = node
+        self.scheduler = scheduler
+        self._lead: SingletonContext | None = None
+        scheduler.dispatcher = self
+        scheduler.state_changed = self._state_changed
+        node.register(STATE_HANDLER, self._on_state)
+        node.register(RUN_HANDLER, self._on_run_request)
+        node.add_singleton(LEADER_SINGLETON, self._lead_scheduler)
+        node.add_listener(
+            lambda event: self._send_states(event.node) if event.kind == "up" else None
+        )
+
+    # leadership --------------------------------------------------------------
+    async def _lead_scheduler(self, ctx: SingletonContext) -> None:
+        """Runs while this node holds the scheduler singleton."""
+        self._lead = ctx
+        self.scheduler.start_leading(self._takeover_states())
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._lead = None
+            drain = max(0.0, self.node.singletons.drain_bound(ctx.mode) - 0.05)
+            final = await self.scheduler.stop_leading(drain)
+            for name, state in final.items():
+                self._broadcast(name, state)
+
+    def _takeover_states(self) -> dict[str, JobState]:
+        """Shared states, minus runs in flight on nodes that are gone (they cannot finish)."""
+        alive = {self.node.name, *self.node.nodes()}
+        states = self.scheduler.states()
+        for state in states.values():
+            if state.running_on is not None and state.running_on not in alive:
+                state.running_since = state.running_tick = state.running_on = None
+        return states
+
+    @property
+    def leader(self) -> str | None:
+        return self.node.singletons.holders().get(LEADER_SINGLETON)
+
+    # dispatch (called by the Scheduler for every due tick) ----------------------
+    async def dispatch(self, job: Job, tick: datetime) -> RunResult | None:
+        if job.run_strategy == "random":
+            chosen = self._pick(job.name, tick)
+            if chosen != self.node.name:
+                return None
+        elif job.is_cluster and not await self._may_run_cluster_tick(job, tick):
+            return None
+        return await self.scheduler.run_local(job.name, tick)
+
+    async def _may_run_cluster_tick(self, job: Job, tick: datetime) -> bool:
+        lead = self._lead
+        if lead is None or not lead.is_valid():
+            log.warning("job %s tick %s not run: this node no longer leads", job.name, tick)
+            return False
+        lease = self.node.singletons.lease_backend
+        if lead.mode == "lease" and lease is not None:
+            try:
+                claimed = await lease.claim_tick(LEADER_SINGLETON, lead.token, job.name, tick)
+            except Exception as exc:
+                log.warning("job %s tick %s not run: lease store error (%s)", job.name, tick, exc)
+                return False
+            if not claimed:
+                log.warning("job %s tick %s not run: fenced off or already run", job.name, tick)
+                return False
+        return True
+
+    def _pick(self, job: str, tick: datetime) -> str:
+        members = sorted([self.node.name, *self.node.nodes()])
+        digest = hashlib.sha256(f"{job}\x00{tick.isoformat()}".encode()).digest()
+        return members[int.from_bytes(digest[:8], "big") % len(members)]
+
+    async def run_on(self, node: str, name: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Run job `name` now on `node` (this one included); returns the run's result."""
+        if node == self.node.name:
+            return (await self.scheduler.run_now(name)).to_wire()
+        reply: dict[str, Any] = await self.node.call(node, RUN_HANDLER, name, timeout=timeout)
+        return reply
+
+    async def _on_run_request(self, name: Any, _sender: str) -> dict[str, Any]:
+        if not isinstance(name, str):
+            raise TypeError("job name must be a string")
+        return (await self.scheduler.run_now(name)).to_wire()
+
+    # state replication -------------------------------------------------------
+    def _state_changed(self, job: Job, state: JobState) -> None:
+        self._broadcast(job.name, state)
+
+    def _broadcast(self, name: str, state: JobState) -> None:
+        mesh = self.node.mesh
+        if mesh is None:
+            return
+        from shoal import wire
+
+        mesh.broadcast([wire.SEND, STATE_HANDLER, {name: state.to_wire()}])
+
+    def _send_states(self, peer: str) -> None:
+        """A node that just joined learns every job's state (it may lead next)."""
+        mesh = self.node.mesh
+        if mesh is None or peer not in mesh.connections:
+            return
+        from shoal import wire
+
+        payload = {name: state.to_wire() for name, state in self.scheduler.states().items()}
+        if payload:
+            mesh.connections[peer].send([wire.SEND, STATE_HANDLER, payload])
+
+    def _on_state(self, payload: Any, sender: str) -> None:
+        if not isinstance(payload, dict):
+            return
+        for name, data in payload.items():
+            if (
+                not isinstance(name, str)
+                or name not in self.scheduler
+                or not isinstance(data, dict)
+            ):
+                continue
+            try:
+                self.scheduler.update_state(name, JobState.from_wire(data))
+            except ValueError as exc:
+                log.warning("ignoring job state for %s from %s: %s", name, sender, exc)
