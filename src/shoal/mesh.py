@@ -38,6 +38,7 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024
 # Bytes an unauthenticated peer may have buffered before we stop reading from it:
 # one maximal handshake frame and its header.
 HANDSHAKE_BUFFER = wire.MAX_HANDSHAKE_FRAME + wire.HEADER.size
+CLOSED_DURING_HANDSHAKE = "connection closed during handshake"
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ class Connection(asyncio.Protocol):
                     self._resume_reading()
                 return frames[0]
             if self.closed.done():
-                raise wire.HandshakeError("connection closed during handshake")
+                raise wire.HandshakeError(CLOSED_DURING_HANDSHAKE)
             self._handshake_data.clear()
             await self._handshake_data.wait()
 
@@ -433,12 +434,10 @@ class Mesh:
             self.report_bad_peer(conn, "handshake did not finish in time")
             conn.abort()
         except (wire.HandshakeError, OSError) as exc:
-            if isinstance(exc, ssl.SSLError):
-                self.report_bad_peer(conn, f"TLS handshake failed: {exc}")
-            elif isinstance(exc, wire.HandshakeError) and "closed during" not in str(exc):
-                self.report_bad_peer(conn, str(exc))
-            else:
+            if isinstance(exc, wire.HandshakeError) and str(exc) == CLOSED_DURING_HANDSHAKE:
                 log.info("peer at %s left during the handshake", conn.address)
+            else:
+                self.report_bad_peer(conn, str(exc))
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.abort()
         finally:
@@ -448,15 +447,23 @@ class Mesh:
 
     async def _start_tls(self, conn: Connection, context: ssl.SSLContext) -> None:
         assert conn.transport is not None
-        transport = await asyncio.get_running_loop().start_tls(
-            conn.transport,
-            conn,
-            context,
-            server_side=True,
-            ssl_handshake_timeout=self.settings.handshake_timeout,
-        )
-        if transport is None:  # the peer closed during the TLS handshake
-            raise wire.HandshakeError("connection closed during handshake")
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                conn.transport,
+                conn,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.settings.handshake_timeout,
+            )
+        except ConnectionResetError:
+            # What a dialer that refuses our certificate looks like from here.
+            raise wire.HandshakeError(
+                "TLS handshake failed: the peer closed the connection (does it trust our CA?)"
+            ) from None
+        except OSError as exc:  # ssl.SSLError included
+            raise wire.HandshakeError(f"TLS handshake failed: {exc}") from None
+        if transport is None:
+            raise wire.HandshakeError(CLOSED_DURING_HANDSHAKE)
         conn.set_transport(transport)
 
     async def _acceptor_steps(self, conn: Connection) -> None:

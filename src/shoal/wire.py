@@ -193,7 +193,7 @@ def parse_hello(msg: Any) -> Hello:
         raise HandshakeError("expected HELLO")
     version = msg.get("v")
     if version != PROTOCOL_VERSION:
-        raise HandshakeError(f"unsupported protocol version {version!r}")
+        raise HandshakeError(f"unsupported protocol version {repr(version)[:40]}")
     name = _node_name(msg.get("name"))
     expected = msg.get("to")
     if expected is not None:
