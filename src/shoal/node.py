@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from shoal import wire
 from shoal.config import Peer, Settings, parse_hosts
@@ -26,6 +26,7 @@ from shoal.singleton import Service, SingletonFunc, Singletons
 log = logging.getLogger("shoal.node")
 
 MembershipListener = Callable[[MembershipEvent], None]
+JobFunc = TypeVar("JobFunc", bound=Callable[..., Any])
 
 
 class Node:
@@ -214,7 +215,7 @@ class Node:
         """Run `target` (an `async def f(ctx)` or an object with start/stop) on one node."""
         self.singletons.register(name, target, mode)
 
-    def job(self, schedule: str, **options: Any) -> Callable[[Any], Any]:
+    def job(self, schedule: str, **options: Any) -> Callable[[JobFunc], JobFunc]:
         """Decorator: a cron job (Quantum syntax), once per cluster unless `run_strategy` says
         otherwise. Options as `Scheduler.job`: name, tz, overlap, timeout, misfire, ..."""
         return self.scheduler.job(schedule, **options)

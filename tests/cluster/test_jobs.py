@@ -148,6 +148,9 @@ def test_rolling_replacement_of_every_node_misses_no_tick(procs: Procs) -> None:
         current.remove(old_node)
         for node in current:
             node.wait_nodes([n.name for n in current if n is not node], timeout=5)
+        # Let a tick or two pass on the new membership before the next step.
+        step_done = now_second()
+        wait_until(lambda s=step_done: now_second() >= s + 2, 3.0, interval=0.05)
     last = now_second() - 1
     # Let the final second's run be logged before counting.
     wait_until(lambda: now_second() >= last + 2, 3.0, interval=0.1)

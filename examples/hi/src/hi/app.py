@@ -24,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from hi.jobs import add_hi_job
 from hi.pages import render_page
 from shoal import ConfigError, Node
 from shoal.control import ControlServer
@@ -214,6 +215,7 @@ def main() -> None:
     try:
         node = Node.from_env()
         port = http_port(os.environ)
+        add_hi_job(node, os.environ)
     except ConfigError as exc:
         print(f"hi: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
