@@ -315,8 +315,8 @@ def _one_arg(name: str, args: list[str]) -> str:
 # the remote console ---------------------------------------------------------------
 # Output of code typed in a remote session goes to that session, also from tasks
 # it starts; everything else in the process writes where it always did.
-_session_output: contextvars.ContextVar[io.StringIO | None] = contextvars.ContextVar(
-    "shoal_session_output", default=None
+_session: contextvars.ContextVar[_Console | None] = contextvars.ContextVar(
+    "shoal_session", default=None
 )
 
 
@@ -327,11 +327,14 @@ class _Routed:
         self.original = original
 
     def write(self, text: str) -> int:
-        target = _session_output.get()
-        return (target or self.original).write(text)
+        console = _session.get()
+        if console is None:
+            return self.original.write(text)
+        console.write(text)
+        return len(text)
 
     def flush(self) -> None:
-        if _session_output.get() is None:
+        if _session.get() is None:
             self.original.flush()
 
     def __getattr__(self, name: str) -> Any:
@@ -349,14 +352,14 @@ def _install_routing() -> None:
     original = sys.displayhook
 
     def displayhook(value: object) -> None:
-        target = _session_output.get()
-        if target is None:
+        console = _session.get()
+        if console is None:
             original(value)
         elif value is not None:
             import builtins
 
             builtins._ = value  # type: ignore[attr-defined]
-            target.write(repr(value) + "\n")
+            console.write(repr(value) + "\n")
 
     displayhook._shoal = True  # type: ignore[attr-defined]
     sys.displayhook = displayhook
@@ -438,7 +441,7 @@ class RemoteSession:
             f"(pid {os.getpid()}).\n"
             "`node` is the running shoal.Node; `await` works at the top level.\n"
             "Code runs on the node's event loop: blocking calls stall the node. "
-            "Ctrl-D leaves; the node keeps running.\n"
+            "Ctrl-D (or exit()) leaves; the node keeps running.\n"
         )
 
     async def _receive(self) -> dict[str, Any] | None:
@@ -471,7 +474,7 @@ class RemoteSession:
             return True
 
     async def _run(self, compiled: types.CodeType) -> bool:
-        _session_output.set(self.console.output)
+        _session.set(self.console)  # this task's (and its children's) output
         func = types.FunctionType(compiled, self.console.locals)
         try:
             result = func()

@@ -116,3 +116,32 @@ async def test_commands_can_be_added(node: Node) -> None:
     finally:
         await server.stop()
         COMMANDS.pop("echo-test")
+
+
+async def test_remote_session_interrupt_cancels_running_code(node: Node) -> None:
+    server = ControlServer(node)
+    await server.start()
+    reader, writer = await asyncio.open_unix_connection(str(server.path))
+
+    async def send(message: dict[str, object]) -> None:
+        writer.write(json.dumps(message).encode() + b"\n")
+        await writer.drain()
+
+    async def receive() -> dict[str, object]:
+        reply: dict[str, object] = json.loads(await asyncio.wait_for(reader.readline(), 5))
+        return reply
+
+    try:
+        await send({"command": "remote"})
+        assert (await receive())["result"] == {"node": node.name}
+        assert "asyncio console" in str((await receive())["output"])
+        await send({"line": "await asyncio.sleep(3600)"})
+        await send({"interrupt": True})  # Ctrl-C while it runs
+        assert (await receive())["output"] == "KeyboardInterrupt\n"
+        await send({"line": "print('still', 'here')"})
+        assert (await receive())["output"] == "still here\n"
+        await send({"line": "exit()"})
+        assert (await receive())["closed"] is True
+    finally:
+        writer.close()
+        await server.stop()

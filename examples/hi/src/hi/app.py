@@ -181,8 +181,8 @@ async def serve(node: Node, port: int) -> int:
     server = HiServer(config, node)
     try:
         await server.serve()
-    except SystemExit as exc:  # uvicorn exits this way when the HTTP port is taken
-        return exc.code if isinstance(exc.code, int) else 1
+    except SystemExit:  # uvicorn exits this way when the HTTP port is taken (logged)
+        return 1
     finally:
         await node.stop()
         await control.stop()
