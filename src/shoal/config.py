@@ -76,6 +76,10 @@ class Settings:
     failure_timeout: float = 3.0
     # A handshake that takes longer than this is an attack or a broken peer.
     handshake_timeout: float = 3.0
+    # A TCP connect still pending after this lost its SYN (a cut link, a dead
+    # host): give up and let the next discovery round dial afresh, so a healed
+    # link reconnects within about a second instead of the kernel's retries.
+    connect_timeout: float = 1.0
     # Frames above this size are refused; the connection is dropped.
     max_frame_size: int = 8 * 1024 * 1024
     # How long a graceful stop waits for singletons and jobs to finish.
@@ -178,6 +182,7 @@ class Settings:
             heartbeat_interval=_ms(env, "SHOAL_HEARTBEAT_INTERVAL_MS", 500),
             failure_timeout=_ms(env, "SHOAL_FAILURE_TIMEOUT_MS", 3000),
             handshake_timeout=_ms(env, "SHOAL_HANDSHAKE_TIMEOUT_MS", 3000),
+            connect_timeout=_ms(env, "SHOAL_CONNECT_TIMEOUT_MS", 1000),
             drain_timeout=_ms(env, "SHOAL_DRAIN_TIMEOUT_MS", 10000),
             tls=tls,
             singleton_mode=(env.get("SHOAL_SINGLETON_MODE") or "mesh").strip().lower(),
