@@ -33,7 +33,8 @@ class Run:
         return int(self.started)
 
 
-def _seconds(text: str) -> float:
+def parse_stamp(text: str) -> float:
+    """Seconds since midnight of a `HH:MM:SS.mmm` log stamp."""
     parsed = datetime.strptime(text, "%H:%M:%S.%f")
     return parsed.hour * 3600 + parsed.minute * 60 + parsed.second + parsed.microsecond / 1e6
 
@@ -47,7 +48,7 @@ def runs(outputs: list[str]) -> list[Run]:
             match = LINE.match(line)
             if not match:
                 continue
-            at = _seconds(match["time"])
+            at = parse_stamp(match["time"])
             if match["what"] == "running":
                 open_runs.append((match["node"], at))
             elif open_runs:
@@ -73,5 +74,5 @@ def tokens(outputs: list[str]) -> list[tuple[float, str, int]]:
         for line in output.splitlines():
             match = TOKEN.match(line)
             if match:
-                found.append((_seconds(match["time"]), match["node"], int(match["token"])))
+                found.append((parse_stamp(match["time"]), match["node"], int(match["token"])))
     return sorted(found)
