@@ -1,0 +1,187 @@
+"""Singleton semantics with in-process nodes on loopback (fast; processes are in tests/cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+
+import pytest
+
+from shoal import Node, Peer, Settings
+from shoal.discovery import Propose
+from shoal.singleton import SingletonContext
+from tests.support.postgres import running_postgres, unavailable_reason
+from tests.support.procs import async_wait_until
+
+COOKIE = "singleton-test-cookie"
+
+
+class Gate:
+    """Discovery that proposes `peers` every 50 ms, but only once `open` is set."""
+
+    def __init__(self, peers: Iterable[Peer], open_now: bool = True) -> None:
+        self.peers = list(peers)
+        self.open = asyncio.Event()
+        if open_now:
+            self.open.set()
+
+    async def run(self, propose: Propose) -> None:
+        await self.open.wait()
+        while True:
+            propose(self.peers)
+            await asyncio.sleep(0.05)
+
+
+class Recorder:
+    """A singleton function that records where it runs and how it was stopped."""
+
+    def __init__(self) -> None:
+        self.running: set[str] = set()
+        self.starts: list[tuple[str, int]] = []
+        self.cancelled: list[str] = []
+
+    def func(self, node_name: str):  # type: ignore[no-untyped-def]
+        async def run(ctx: SingletonContext) -> None:
+            self.running.add(node_name)
+            self.starts.append((node_name, ctx.token))
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(node_name)
+                raise
+            finally:
+                self.running.discard(node_name)
+
+        return run
+
+
+def make_node(host: str, peers: list[Peer], **settings: object) -> tuple[Node, Gate]:
+    gate = Gate(peers)
+    node = Node(Settings(cookie=COOKIE, host=host, port=4371, topology="static", **settings), gate)  # type: ignore[arg-type]
+    return node, gate
+
+
+@pytest.fixture
+async def stopper() -> AsyncIterator[list[Node]]:
+    nodes: list[Node] = []
+    yield nodes
+    for node in nodes:
+        await node.stop()
+
+
+async def test_no_claim_before_the_first_discovery_round(stopper: list[Node]) -> None:
+    rec = Recorder()
+    node, gate = make_node("127.0.70.2", [])
+    gate.open.clear()
+    node.add_singleton("s", rec.func(node.name))
+    stopper.append(node)
+    await node.start()
+    await asyncio.sleep(0.3)  # nothing may happen; there is no event to wait for
+    assert rec.running == set()
+    gate.open.set()
+    await async_wait_until(lambda: rec.running == {node.name}, 2.0)
+
+
+async def test_incumbent_keeps_it_when_a_smaller_node_joins(stopper: list[Node]) -> None:
+    rec = Recorder()
+    peers = [Peer("hi", h, 4371) for h in ("127.0.71.2", "127.0.71.3")]
+    late, _ = make_node("127.0.71.2", peers)  # the smaller name
+    first, _ = make_node("127.0.71.3", peers)
+    for node in (first, late):
+        node.add_singleton("s", rec.func(node.name))
+        stopper.append(node)
+    await first.start()
+    await async_wait_until(lambda: rec.running == {first.name}, 2.0)
+    await late.start()
+    await async_wait_until(lambda: late.nodes() == [first.name], 2.0)
+    await async_wait_until(lambda: late.singletons.holders()["s"] == first.name, 2.0)
+    await asyncio.sleep(0.3)
+    assert rec.running == {first.name}
+    assert rec.starts == [(first.name, 1)]
+
+
+async def test_graceful_stop_hands_over_at_once(stopper: list[Node]) -> None:
+    rec = Recorder()
+    peers = [Peer("hi", h, 4371) for h in ("127.0.72.2", "127.0.72.3", "127.0.72.4")]
+    nodes = [make_node(p.host, peers)[0] for p in peers]
+    for node in nodes:
+        node.add_singleton("s", rec.func(node.name))
+        stopper.append(node)
+    for node in nodes:
+        await node.start()
+    await async_wait_until(lambda: len(rec.running) == 1, 3.0)
+    (holder_name,) = rec.running
+    holder = next(n for n in nodes if n.name == holder_name)
+    await holder.stop()
+    assert rec.cancelled == [holder_name]
+    await async_wait_until(lambda: len(rec.running) == 1 and holder_name not in rec.running, 0.5)
+
+
+async def test_a_service_object_is_started_and_stopped(stopper: list[Node]) -> None:
+    events: list[str] = []
+
+    class Service:
+        async def start(self) -> None:
+            events.append("start")
+
+        async def stop(self) -> None:
+            events.append("stop")
+
+    node, _ = make_node("127.0.73.2", [])
+    node.add_singleton("svc", Service())
+    await node.start()
+    await async_wait_until(lambda: events == ["start"], 2.0)
+    await node.stop()
+    assert events == ["start", "stop"]
+
+
+async def test_after_a_partition_heals_the_older_claim_survives(stopper: list[Node]) -> None:
+    rec = Recorder()
+    a_peer, b_peer = (Peer("hi", h, 4371) for h in ("127.0.74.2", "127.0.74.3"))
+    a, gate_a = make_node(a_peer.host, [])
+    b, _ = make_node(b_peer.host, [])
+    for node in (a, b):
+        node.add_singleton("s", rec.func(node.name))
+        stopper.append(node)
+    await b.start()  # b claims first (alone), then a claims (alone): two holders
+    await async_wait_until(lambda: rec.running == {b.name}, 2.0)
+    await a.start()
+    await async_wait_until(lambda: rec.running == {a.name, b.name}, 2.0)
+    gate_a.peers = [b_peer]  # the partition heals
+    await async_wait_until(lambda: rec.running == {b.name}, 2.0)
+    assert rec.cancelled == [a.name]
+    assert a.singletons.holders()["s"] == b.name == b.singletons.holders()["s"]
+
+
+async def test_unknown_mode_and_duplicate_names_are_refused() -> None:
+    node, _ = make_node("127.0.75.2", [])
+    node.add_singleton("s", Recorder().func("x"))
+    with pytest.raises(ValueError, match="already registered"):
+        node.add_singleton("s", Recorder().func("x"))
+    with pytest.raises(ValueError, match="unknown singleton mode"):
+        node.add_singleton("t", Recorder().func("x"), mode="raft")
+    with pytest.raises(ValueError, match="SHOAL_LEASE_DSN"):
+        node.add_singleton("u", Recorder().func("x"), mode="lease")
+
+
+pg_reason = unavailable_reason()
+
+
+@pytest.mark.skipif(pg_reason is not None, reason=str(pg_reason))
+async def test_lease_takeovers_increase_the_fencing_token(stopper: list[Node]) -> None:
+    rec = Recorder()
+    with running_postgres() as pg:
+        peers = [Peer("hi", h, 4371) for h in ("127.0.76.2", "127.0.76.3")]
+        nodes = [make_node(p.host, peers, lease_dsn=pg.dsn, lease_ttl=1.0)[0] for p in peers]
+        for node in nodes:
+            node.add_singleton("s", rec.func(node.name), mode="lease")
+            stopper.append(node)
+        for node in nodes:
+            await node.start()
+        await async_wait_until(lambda: len(rec.running) == 1, 5.0)
+        (first,) = rec.running
+        await next(n for n in nodes if n.name == first).stop()  # releases the lease
+        await async_wait_until(lambda: len(rec.running) == 1 and first not in rec.running, 3.0)
+        assert [token for _, token in rec.starts] == [1, 2]
+        for node in nodes:
+            await node.stop()
