@@ -216,11 +216,6 @@ def test_lookup_prints_the_addresses_dns_returns() -> None:
         assert result.stdout.split() == ["127.0.11.20", "127.0.11.21", "::1"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="shoal.discovery.dns._lookup gathers A and AAAA without return_exceptions, so the "
-    "second NXDOMAIN is never retrieved and asyncio prints it at shutdown (intermittent)",
-)
 def test_lookup_of_a_missing_name_is_a_clear_error() -> None:
     with FakeDNSServer() as dns:
         dns.set_mode("nxdomain")

@@ -151,15 +151,21 @@ async def _nameserver_address(host: str, port: int) -> str:
 
 async def _lookup(resolver: dns.asyncresolver.Resolver, name: str, lifetime: float) -> list[str]:
     """A and AAAA in parallel; an empty answer for one type is not an error."""
-    try:
-        answers = await asyncio.gather(
-            *(
-                resolver.resolve(
-                    name, rdtype, raise_on_no_answer=False, search=False, lifetime=lifetime
-                )
-                for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
+    # return_exceptions: when both queries fail, the second failure is still
+    # retrieved (no "exception was never retrieved" noise in the log).
+    results = await asyncio.gather(
+        *(
+            resolver.resolve(
+                name, rdtype, raise_on_no_answer=False, search=False, lifetime=lifetime
             )
-        )
+            for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
+        ),
+        return_exceptions=True,
+    )
+    try:
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
     except dns.resolver.NXDOMAIN:
         raise DNSLookupError("nxdomain", f"{name} does not exist (NXDOMAIN)") from None
     except dns.exception.Timeout:
@@ -171,8 +177,8 @@ async def _lookup(resolver: dns.asyncresolver.Resolver, name: str, lifetime: flo
     except dns.exception.DNSException as exc:
         raise DNSLookupError("error", f"lookup of {name} failed: {exc}") from None
     ips: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
-    for answer in answers:
-        for rdata in answer:
+    for answer in results:
+        for rdata in answer:  # type: ignore[union-attr]
             ips.add(ipaddress.ip_address(rdata.address))
     return [str(ip) for ip in sorted(ips, key=lambda ip: (ip.version, ip))]
 
