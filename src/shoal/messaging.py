@@ -23,6 +23,9 @@ log = logging.getLogger("shoal.messaging")
 # the reply to a call (ignored for a plain send).
 Handler = Callable[[Any, str], Any | Awaitable[Any]]
 
+# Handler results of these types are replies as they are, never awaitables.
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
+
 # Messages a slow subscriber may have queued before the oldest are dropped.
 SUBSCRIPTION_QUEUE = 10_000
 
@@ -113,7 +116,7 @@ class Messaging:
             return
         conn = self._mesh.connection_to(node)
         conn.send_encoded(frame)
-        await conn.drain()
+        await conn.drain()  # returns at once unless the peer is slower than us
 
     async def call(self, node: str, handler: str, payload: Any, timeout: float = 5.0) -> Any:
         """Ask `handler` on `node` and return its reply."""
@@ -212,11 +215,12 @@ class Messaging:
             log.exception("handler %r failed on a message from %s", name, sender)
             self._reply(sender, call_id, False, f"{type(exc).__name__}: {exc}")
             return
-        if inspect.isawaitable(result):
+        # `inspect.isawaitable` is slow; plain data (the common case) is not awaitable.
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
             task = asyncio.ensure_future(self._finish(name, result, sender, call_id))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        else:
+        elif call_id is not None:
             self._reply(sender, call_id, True, result)
 
     async def _finish(

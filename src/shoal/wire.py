@@ -30,6 +30,8 @@ import msgpack
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
+_header_pack = HEADER.pack
+_header_unpack_from = HEADER.unpack_from
 # Handshake frames are tiny; an unauthenticated peer gets no more than this.
 MAX_HANDSHAKE_FRAME = 4096
 NONCE_SIZE = 32
@@ -54,10 +56,19 @@ class HandshakeError(Exception):
     """The handshake failed; the message says why (never includes secrets)."""
 
 
+# One packer, reused: `msgpack.packb` builds a new Packer per call, which costs
+# as much as packing a small message. Packer.pack runs in C without releasing
+# the GIL (there is no `default` hook to call back into Python), and resets its
+# buffer when it raises, so sharing it is safe.
+_packer = msgpack.Packer(use_bin_type=True, datetime=False)
+_pack = _packer.pack
+_unpackb = msgpack.unpackb
+
+
 def pack(obj: Any) -> bytes:
     """Encode msgpack types; anything else raises a TypeError that names the type."""
     try:
-        return msgpack.packb(obj, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+        return _pack(obj)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(
             f"shoal payloads must be msgpack types (None, bool, int, float, str, bytes, "
@@ -65,17 +76,21 @@ def pack(obj: Any) -> bytes:
         ) from None
 
 
-def unpack(data: bytes) -> Any:
+def unpack(data: bytes | memoryview) -> Any:
     """Decode one msgpack value; any malformation is a FrameError."""
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        return _unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
 
 
 def encode_frame(obj: Any) -> bytes:
-    body = pack(obj)
-    return HEADER.pack(len(body)) + body
+    try:
+        body: bytes = _pack(obj)
+    except (TypeError, ValueError, OverflowError):
+        pack(obj)  # raises the explanatory TypeError
+        raise
+    return _header_pack(len(body)) + body
 
 
 class FrameDecoder:
@@ -97,31 +112,48 @@ class FrameDecoder:
         After a FrameError the buffer is emptied: the connection is to be dropped.
         """
         buffer = self._buffer
+        if not buffer and data:
+            # Common case: nothing left over from the last read. Decode straight
+            # from `data`, and keep only its incomplete tail.
+            frames, offset = self._decode(data, max_frames)
+            if offset < len(data):
+                buffer += memoryview(data)[offset:]
+            return frames
         if data:
             buffer += data
-        frames: list[Any] = []
-        offset = 0
-        size = len(buffer)
-        try:
-            while size - offset >= 4:
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
-                (length,) = HEADER.unpack_from(buffer, offset)
-                if length > self.max_size:
-                    raise FrameError(
-                        f"frame of {length} bytes exceeds the limit of {self.max_size}"
-                    )
-                end = offset + 4 + length
-                if end > size:
-                    break
-                frames.append(unpack(bytes(buffer[offset + 4 : end])))
-                offset = end
-        except FrameError:
-            buffer.clear()
-            raise
+        frames, offset = self._decode(buffer, max_frames)
         if offset:
             del buffer[:offset]
         return frames
+
+    def _decode(self, data: bytes | bytearray, max_frames: int | None) -> tuple[list[Any], int]:
+        """The complete frames at the start of `data`, and where they end."""
+        frames: list[Any] = []
+        offset = 0
+        size = len(data)
+        limit = self.max_size
+        try:
+            with memoryview(data) as view:  # released before the buffer is resized
+                while size - offset >= 4:
+                    if max_frames is not None and len(frames) >= max_frames:
+                        break
+                    (length,) = _header_unpack_from(data, offset)
+                    if length > limit:
+                        raise FrameError(f"frame of {length} bytes exceeds the limit of {limit}")
+                    end = offset + 4 + length
+                    if end > size:
+                        break
+                    try:
+                        frames.append(
+                            _unpackb(view[offset + 4 : end], raw=False, strict_map_key=False)
+                        )
+                    except Exception as exc:  # msgpack raises several types on bad input
+                        raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
+                    offset = end
+        except FrameError:
+            self._buffer.clear()
+            raise
+        return frames, offset
 
     def append(self, data: bytes) -> None:
         """Buffer bytes without decoding them; the caller bounds how much (see `pending`)."""

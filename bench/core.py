@@ -1,0 +1,443 @@
+"""shoal's core benchmark: two nodes on loopback, each in its own process.
+
+    .venv/bin/python bench/core.py                  # full run (about a minute)
+    .venv/bin/python bench/core.py --quick          # smaller counts, for a smoke test
+
+For 64-byte payloads it measures, in one run, side by side:
+
+* one-way messages/s: `await node.send(peer, "sink", payload)` in a loop,
+  counted by a sync handler on the other node, timed until the receiver has
+  all of them; baseline: pyzmq PUSH/PULL over TCP carrying the same
+  msgpack-encoded messages (decoded and counted by the receiver);
+* call round trip p50/p99: sequential `await node.call(peer, "echo", payload)`;
+  baseline: a raw asyncio TCP echo of the same payload behind a 4-byte length;
+* the `hi` app's start-to-ready time and idle RSS (`.venv/bin/hi`, polled on
+  `/ready`, RSS from /proc after ~2 s idle).
+
+Targets (issue 2): one-way >= 1.0x pyzmq; call p50 <= 1.5x raw echo;
+hi RSS <= 60 MB; hi start-to-ready <= 1.5 s. Loopback addresses 127.0.30.x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+PAYLOAD = b"\xa5" * 64
+SERVER_HOST = "127.0.30.10"
+CLIENT_HOST = "127.0.30.11"
+HI_HOST = "127.0.30.2"
+COOKIE = "bench-cookie"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def report(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)
+
+
+# --- shoal --------------------------------------------------------------------
+
+
+def shoal_settings(host: str, port: int) -> Any:
+    from shoal.config import Settings
+
+    return Settings(
+        cookie=COOKIE, basename="bench", name_query="bench", host=host, port=port, topology="static"
+    )
+
+
+class Once:
+    def __init__(self, peers: list[Any]) -> None:
+        self.peers = peers
+
+    async def run(self, propose: Any) -> None:
+        propose(self.peers)
+        await asyncio.Event().wait()
+
+
+async def shoal_server(port: int) -> None:
+    from shoal.node import Node
+
+    node = Node(shoal_settings(SERVER_HOST, port), Once([]))
+    count = 0
+
+    def sink(_payload: Any, _sender: str) -> None:
+        nonlocal count
+        count += 1
+
+    node.register("sink", sink)
+    node.register("count", lambda _payload, _sender: count)
+    node.register("echo", lambda payload, _sender: payload)
+    await node.start()
+    report({"ready": True})
+    await until_terminated()
+    await node.stop()
+
+
+async def until_terminated() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+
+
+async def shoal_client(server_port: int, messages: int, calls: int) -> None:
+    from shoal.config import Peer
+    from shoal.node import Node
+
+    server = Peer("bench", SERVER_HOST, server_port)
+    node = Node(shoal_settings(CLIENT_HOST, free_port(CLIENT_HOST)), Once([server]))
+    await node.start()
+    deadline = time.monotonic() + 10
+    while server.name not in node.nodes():
+        if time.monotonic() > deadline:
+            raise SystemExit("shoal client: could not connect")
+        await asyncio.sleep(0.01)
+    send, call, peer = node.send, node.call, server.name
+    # Warm up, then one-way: the final call is ordered behind every send.
+    for _ in range(min(messages, 20_000)):
+        await send(peer, "sink", PAYLOAD)
+    base = await call(peer, "count", None, timeout=60)
+    started = time.perf_counter()
+    for _ in range(messages):
+        await send(peer, "sink", PAYLOAD)
+    received = await call(peer, "count", None, timeout=120)
+    elapsed = time.perf_counter() - started
+    assert received - base == messages, (received, base, messages)
+    # Round trips.
+    for _ in range(min(calls, 1000)):
+        await call(peer, "echo", PAYLOAD)
+    latencies = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        await call(peer, "echo", PAYLOAD)
+        latencies.append(time.perf_counter() - t0)
+    report({"oneway_per_s": messages / elapsed, **percentiles(latencies)})
+    await node.stop()
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    cuts = statistics.quantiles(latencies, n=100)
+    return {"p50_us": cuts[49] * 1e6, "p99_us": cuts[98] * 1e6}
+
+
+# --- pyzmq baseline -------------------------------------------------------------
+
+
+def zmq_server(port: int, back_port: int, messages: int) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(f"tcp://{SERVER_HOST}:{port}")
+    back = ctx.socket(zmq.PUSH)
+    back.bind(f"tcp://{SERVER_HOST}:{back_port}")
+    report({"ready": True})
+    unpackb = msgpack.unpackb
+    for batch in (min(messages, 20_000), messages):
+        count = 0
+        while count < batch:
+            frame = unpackb(pull.recv())
+            if frame[0] == 2:
+                count += 1
+        back.send(b"done")
+    pull.close(linger=0)
+    back.close(linger=0)
+    ctx.term()
+
+
+def zmq_client(port: int, back_port: int, messages: int) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://{SERVER_HOST}:{port}")
+    back = ctx.socket(zmq.PULL)
+    back.connect(f"tcp://{SERVER_HOST}:{back_port}")
+    packb = msgpack.packb
+    results = []
+    for batch in (min(messages, 20_000), messages):
+        started = time.perf_counter()
+        for _ in range(batch):
+            # The same message shoal sends: [SEND, handler, payload], msgpack-encoded.
+            push.send(packb([2, "sink", PAYLOAD], use_bin_type=True))
+        back.recv()
+        results.append(batch / (time.perf_counter() - started))
+    report({"oneway_per_s": results[-1]})
+    push.close(linger=0)
+    back.close(linger=0)
+    ctx.term()
+
+
+# --- raw asyncio echo baseline ----------------------------------------------------
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+async def echo_server(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    await loop.create_server(Echo, SERVER_HOST, port)
+    report({"ready": True})
+    await asyncio.Event().wait()
+
+
+async def echo_client(port: int, calls: int) -> None:
+    reader, writer = await asyncio.open_connection(SERVER_HOST, port)
+    frame = len(PAYLOAD).to_bytes(4, "big") + PAYLOAD
+    latencies = []
+    for i in range(calls + min(calls, 1000)):
+        t0 = time.perf_counter()
+        writer.write(frame)
+        header = await reader.readexactly(4)
+        body = await reader.readexactly(int.from_bytes(header, "big"))
+        assert body == PAYLOAD
+        if i >= min(calls, 1000):
+            latencies.append(time.perf_counter() - t0)
+    report(percentiles(latencies))
+    writer.close()
+
+
+# --- orchestration -----------------------------------------------------------------
+
+
+class Child:
+    """A role of this script in its own process; its stdout carries JSON lines."""
+
+    def __init__(self, *args: object) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, __file__, "--role", *map(str, args)],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def result(self, timeout: float = 300) -> dict[str, Any]:
+        assert self.popen.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.popen.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.popen.args[3]} exited ({self.popen.wait()})")
+            if line.startswith("{"):
+                return json.loads(line)  # type: ignore[no-any-return]
+        raise TimeoutError(self.popen.args)
+
+    def stop(self, grace: float = 0.0) -> None:
+        try:
+            self.popen.wait(grace)  # a client exits by itself once it has reported
+        except subprocess.TimeoutExpired:
+            pass
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
+def run_pair(server_args: list[object], client_args: list[object]) -> dict[str, Any]:
+    server = Child(*server_args)
+    client: Child | None = None
+    try:
+        server.result(30)
+        client = Child(*client_args)
+        return client.result()
+    finally:
+        if client is not None:
+            client.stop(grace=10)
+        server.stop()
+
+
+def measure_hi() -> dict[str, Any]:
+    hi = ROOT / ".venv" / "bin" / "hi"
+    if not hi.exists():
+        return {"error": f"{hi} not found"}
+    port = free_port(HI_HOST)
+    env = {
+        **os.environ,
+        "NODE_HOST": HI_HOST,
+        "TOPOLOGY_TYPE": "static",
+        "RELEASE_COOKIE": COOKIE,
+        "PORT": str(port),
+        "SHOAL_PORT": str(free_port(HI_HOST)),
+    }
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [str(hi)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        ready_after = None
+        while time.perf_counter() - started < 20 and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://{HI_HOST}:{port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        ready_after = time.perf_counter() - started
+                        break
+            except OSError:
+                pass
+            time.sleep(0.01)
+        if ready_after is None:
+            return {"error": f"not ready within 20 s (exit code {proc.poll()})"}
+        time.sleep(2.0)
+        rss_kb = None
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss_kb = int(line.split()[1])
+        return {"ready_s": ready_after, "rss_mb": (rss_kb or 0) / 1024}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=300_000, help="one-way messages")
+    parser.add_argument("--calls", type=int, default=10_000, help="sequential calls")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (medians are shown)")
+    parser.add_argument("--quick", action="store_true", help="30k messages, 2k calls, 1 round")
+    parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        role, *params = args.role
+        values = [int(p) for p in params]
+        roles: dict[str, Any] = {
+            "shoal-server": lambda: asyncio.run(shoal_server(*values)),
+            "shoal-client": lambda: asyncio.run(shoal_client(*values)),
+            "zmq-server": lambda: zmq_server(*values),
+            "zmq-client": lambda: zmq_client(*values),
+            "echo-server": lambda: asyncio.run(echo_server(*values)),
+            "echo-client": lambda: asyncio.run(echo_client(*values)),
+        }
+        profile = os.environ.get("SHOAL_BENCH_PROFILE")  # a directory: cProfile each role
+        if profile:
+            import cProfile
+
+            cProfile.runctx("roles[role]()", globals(), locals(), f"{profile}/{role}.prof")
+        else:
+            roles[role]()
+        return
+    if args.quick:
+        args.messages, args.calls, args.rounds = 30_000, 2_000, 1
+    n, calls = args.messages, args.calls
+    print(
+        f"shoal core benchmark: 64-byte payloads, {n} one-way messages, {calls} calls, "
+        f"each node in its own process on loopback ({os.cpu_count()} CPUs)",
+        flush=True,
+    )
+
+    # Rounds interleave shoal and the baselines, so that both see the same
+    # machine (other work on it shows up as noise); medians are reported.
+    rounds: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+    for r in range(args.rounds):
+        port = free_port(SERVER_HOST)
+        shoal = run_pair(["shoal-server", port], ["shoal-client", port, n, calls])
+        port, back = free_port(SERVER_HOST), free_port(SERVER_HOST)
+        zmq = run_pair(["zmq-server", port, back, n], ["zmq-client", port, back, n])
+        port = free_port(SERVER_HOST)
+        echo = run_pair(["echo-server", port], ["echo-client", port, calls])
+        rounds.append((shoal, zmq, echo))
+        print(
+            f"  round {r + 1}: shoal {shoal['oneway_per_s']:,.0f}/s, p50 {shoal['p50_us']:.0f} us"
+            f", p99 {shoal['p99_us']:.0f} us | pyzmq {zmq['oneway_per_s']:,.0f}/s | echo p50 "
+            f"{echo['p50_us']:.0f} us, p99 {echo['p99_us']:.0f} us",
+            flush=True,
+        )
+    shoal, zmq, echo = (
+        {key: statistics.median(r[i][key] for r in rounds) for key in rounds[0][i]}
+        for i in range(3)
+    )
+    hi = measure_hi()
+    print(f"medians of {args.rounds} rounds:")
+
+    oneway_ratio = shoal["oneway_per_s"] / zmq["oneway_per_s"]
+    p50_ratio = shoal["p50_us"] / echo["p50_us"]
+    rows = [
+        (
+            "one-way messages/s",
+            f"{shoal['oneway_per_s']:,.0f}",
+            f"{zmq['oneway_per_s']:,.0f} (pyzmq PUSH/PULL)",
+            f"{oneway_ratio:.2f}x",
+            ">= 1.0x",
+            oneway_ratio >= 1.0,
+        ),
+        (
+            "call round trip p50",
+            f"{shoal['p50_us']:.0f} us",
+            f"{echo['p50_us']:.0f} us (asyncio echo)",
+            f"{p50_ratio:.2f}x",
+            "<= 1.5x",
+            p50_ratio <= 1.5,
+        ),
+        (
+            "call round trip p99",
+            f"{shoal['p99_us']:.0f} us",
+            f"{echo['p99_us']:.0f} us (asyncio echo)",
+            f"{shoal['p99_us'] / echo['p99_us']:.2f}x",
+            "-",
+            None,
+        ),
+    ]
+    if "error" in hi:
+        rows += [
+            ("hi start-to-ready", "not available", hi["error"], "", "<= 1.5 s", None),
+            ("hi idle RSS", "not available", "", "", "<= 60 MB", None),
+        ]
+    else:
+        rows += [
+            (
+                "hi start-to-ready",
+                f"{hi['ready_s']:.2f} s",
+                "",
+                "",
+                "<= 1.5 s",
+                hi["ready_s"] <= 1.5,
+            ),
+            ("hi idle RSS", f"{hi['rss_mb']:.1f} MB", "", "", "<= 60 MB", hi["rss_mb"] <= 60),
+        ]
+    headers = ("measure", "shoal", "baseline", "ratio", "target", "met")
+    table = [headers, *[(*r[:5], {True: "yes", False: "NO", None: "-"}[r[5]]) for r in rows]]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
+    for i, row in enumerate(table):
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+if __name__ == "__main__":
+    main()
