@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from shoal.scheduler import SchedulerError
+
 if TYPE_CHECKING:
     from shoal.node import Node
 
@@ -306,9 +308,23 @@ async def _connect(node: Node, args: list[str]) -> Any:
     return {"node": name}
 
 
-def _one_arg(name: str, args: list[str]) -> str:
+@command("jobs", "cron jobs: schedule, last run, next run, where it ran")
+def _jobs(node: Node, args: list[str]) -> Any:
+    return node.scheduler.jobs_snapshot()
+
+
+@command("run-job", "run-job NAME: run a job now (cluster jobs run on the current leader)")
+async def _run_job(node: Node, args: list[str]) -> Any:
+    name = _one_arg("run-job", args, what="job name")
+    try:
+        return await node.jobs.run_now(name)
+    except SchedulerError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _one_arg(name: str, args: list[str], what: str = "node name") -> str:
     if len(args) != 1:
-        raise CommandError(f"{name} takes exactly one node name")
+        raise CommandError(f"{name} takes exactly one {what}")
     return args[0]
 
 

@@ -108,6 +108,13 @@ class ClusterJobs:
         digest = hashlib.sha256(f"{job}\x00{tick.isoformat()}".encode()).digest()
         return members[int.from_bytes(digest[:8], "big") % len(members)]
 
+    async def run_now(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Run job `name` now: a cluster job on the current leader (so `overlap=False`
+        holds cluster-wide), any other job here. Returns the run's result."""
+        job = self.scheduler.find_job(name)
+        target = (self.leader or self.node.name) if job.is_cluster else self.node.name
+        return await self.run_on(target, name, timeout)
+
     async def run_on(self, node: str, name: str, timeout: float = 60.0) -> dict[str, Any]:
         """Run job `name` now on `node` (this one included); returns the run's result."""
         if node == self.node.name:

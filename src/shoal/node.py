@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from shoal import wire
 from shoal.config import Peer, Settings, parse_hosts
+from shoal.control import ControlServer
 from shoal.discovery import Strategy, strategy_for
 from shoal.jobs import ClusterJobs
 from shoal.mesh import MembershipEvent, Mesh, NodeDown
@@ -39,6 +40,7 @@ class Node:
         self.started_at = time.time()
         self.messaging = Messaging(self.name)
         self.mesh: Mesh | None = None
+        self.control: ControlServer | None = None
         self._strategy = strategy
         self._listeners: list[MembershipListener] = []
         self._discovery_task: asyncio.Task[None] | None = None
@@ -77,6 +79,14 @@ class Node:
         )
         await self.singletons.start()
         await self.scheduler.start()
+        self.control = ControlServer(self)
+        try:
+            await self.control.start()
+        except OSError as exc:  # the node works without it; only `shoal` cannot reach it
+            log.warning(
+                "no control socket (%s): `shoal status`/`remote` cannot reach this node", exc
+            )
+            self.control = None
         log.info(
             "node %s listening on %s:%d (topology %s, cookie %s)",
             self.name,
@@ -106,6 +116,9 @@ class Node:
             await asyncio.gather(self._discovery_task, return_exceptions=True)
         await self.mesh.stop()
         self.mesh = None
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
         self.listening = False
         log.info("node %s stopped", self.name)
 

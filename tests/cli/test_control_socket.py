@@ -35,6 +35,10 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     )
     node = Node(settings)
     await node.start()
+    # These tests drive their own ControlServer on the configured path.
+    assert node.control is not None
+    await node.control.stop()
+    node.control = None
     try:
         yield node
     finally:
@@ -66,7 +70,7 @@ async def test_socket_is_0600_in_a_0700_directory_and_removed_on_stop(node: Node
 
 async def test_a_stale_socket_is_replaced_and_a_live_one_is_not(node: Node) -> None:
     first = ControlServer(node)
-    first.path.parent.mkdir(mode=0o700, parents=True)
+    first.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(first.path))  # a socket file nobody listens on: a node that died
     stale.close()

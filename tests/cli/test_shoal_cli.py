@@ -201,11 +201,28 @@ def test_several_nodes_need_a_name_and_sockets_are_private(
     assert f'"node": "{b.name}"' in chosen.stdout
 
 
-def test_jobs_is_answered_or_clearly_unsupported(procs: Procs, sockets: Path) -> None:
-    start(procs, "127.0.11.12", sockets / "a.sock", ["127.0.11.12"])
-    result = shoal("jobs", "--socket", str(sockets / "a.sock"))
-    assert result.returncode == 0 or "does not support `jobs`" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_jobs_lists_the_hi_job_and_run_job_runs_it_on_the_leader(
+    procs: Procs, sockets: Path
+) -> None:
+    hosts = ["127.0.11.12", "127.0.11.13"]
+    a, b = (start(procs, h, sockets / f"{h}.sock", hosts) for h in hosts)
+    a.wait_nodes([b.name])
+    socket = str(sockets / f"{a.host}.sock")
+
+    jobs = shoal("jobs", "--json", "--socket", socket)
+    assert jobs.returncode == 0, jobs.stderr
+    assert '"name": "hi"' in jobs.stdout and '"schedule": "*/5 * * * * *"' in jobs.stdout
+
+    ran = shoal("run-job", "hi", "--socket", socket)
+    assert ran.returncode == 0, ran.stderr
+    leader = a.cluster()["singletons"]["shoal.scheduler"]
+    assert leader in ran.stdout
+    runner = a if leader == a.name else b
+    assert f"Job running on: {leader}" in runner.proc.output()
+
+    missing = shoal("run-job", "nope", "--socket", socket)
+    assert missing.returncode == 1
+    assert "nope" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_lookup_prints_the_addresses_dns_returns() -> None:

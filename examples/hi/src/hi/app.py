@@ -27,7 +27,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from hi.jobs import add_hi_job
 from hi.pages import render_page
 from shoal import ConfigError, Node
-from shoal.control import ControlServer
 
 log = logging.getLogger("hi")
 
@@ -163,11 +162,6 @@ async def serve(node: Node, port: int) -> int:
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return 1
-    control = ControlServer(node)
-    try:
-        await control.start()
-    except OSError as exc:  # the node works without it; only `shoal` cannot reach it
-        log.warning("no control socket (%s): shoal status/remote will not reach this node", exc)
     config = uvicorn.Config(
         create_app(node),
         host="0.0.0.0",
@@ -185,7 +179,6 @@ async def serve(node: Node, port: int) -> int:
         return 1
     finally:
         await node.stop()
-        await control.stop()
     return 0 if server.started else 1
 
 
