@@ -378,6 +378,8 @@ class Mesh:
                     lambda: Connection(self, dialed=True, expected=peer.name),
                     host=peer.host,
                     port=peer.port,
+                    # From our own address, so peers log and see who we are.
+                    local_addr=(self.settings.host, 0),
                     ssl=self._client_ssl,
                     server_hostname=peer.host if self._client_ssl else None,
                     ssl_handshake_timeout=(

@@ -12,7 +12,6 @@ README's local cluster does.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
@@ -70,7 +69,8 @@ class HiNode:
             "NODE_NAME": basename,
             "NODE_HOST": host,
             "PORT": str(port),
-            "SHOAL_CONTROL_SOCKET": f"/tmp/shoal-test-{os.getpid()}-{host}.sock",
+            # In the Procs' own directory, which is removed with it (also after a SIGKILL).
+            "SHOAL_CONTROL_SOCKET": str(procs.log_dir / f"{host}.sock"),
             **(env or {}),
         }
         proc = procs.start(argv or [HI], env=full_env, name=f"{basename}@{host}")

@@ -84,25 +84,34 @@ def _singletons(singletons: dict[str, Any]) -> str:
     return f"<table><tr><th>name</th><th>holder</th></tr>{rows}</table>"
 
 
+# The job columns a person reads; the rest stays in /cluster.
+_JOB_COLUMNS = (
+    ("name", "job"),
+    ("schedule", "schedule"),
+    ("last_run", "last run"),
+    ("ran_on", "ran on"),
+    ("last_status", "status"),
+    ("next_run", "next run"),
+    ("runs", "runs"),
+)
+
+
 def _jobs(jobs: list[Any]) -> str:
     if not jobs:
         return '<p class="muted">none scheduled</p>'
-    columns: list[str] = []
-    for job in jobs:
-        for key in job if isinstance(job, dict) else ():
-            if key not in columns:
-                columns.append(key)
-    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{escape(title)}</th>" for _, title in _JOB_COLUMNS)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{_cell(job.get(c))}</td>" for c in columns) + "</tr>"
+        "<tr>" + "".join(f"<td>{_cell(job.get(key))}</td>" for key, _ in _JOB_COLUMNS) + "</tr>"
         for job in jobs
         if isinstance(job, dict)
     )
-    return f"<table><tr>{head}</tr>{rows}</table>"
+    return f"<table id=jobs><tr>{head}</tr>{rows}</table>"
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return '<span class="muted">-</span>'
     text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if isinstance(value, str) and len(value) >= 19 and value[10] == "T":
+        text = value[11:19] + " UTC"  # an ISO time stamp: the time of day is what changes
     return escape(text)
