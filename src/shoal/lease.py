@@ -68,53 +68,71 @@ QUERY_TIMEOUT = 2.0
 
 
 class LeaseBackend:
-    """A small pool of connections to the lease database."""
+    """A small pool of connections to the lease database, opened on first use.
 
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
+    Connecting lazily lets a node start (and serve, and run its other
+    singletons) while the database is down; the lease loop keeps retrying.
+    """
 
-    @classmethod
-    async def connect(cls, dsn: str) -> LeaseBackend:
-        try:
-            import asyncpg
-        except ImportError:
-            raise RuntimeError("lease mode needs asyncpg: pip install 'shoal[lease]'") from None
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, timeout=QUERY_TIMEOUT)
-        backend = cls(pool)
-        await backend._create_schema()
-        return backend
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._pool: Any = None
 
-    async def _create_schema(self) -> None:
-        import asyncpg
-
-        for _ in range(3):  # concurrent CREATE IF NOT EXISTS can race on the catalog
+    async def _connected(self) -> Any:
+        if self._pool is None:
             try:
-                await self._pool.execute(SCHEMA, timeout=QUERY_TIMEOUT)
-                return
-            except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
-                continue
+                import asyncpg
+            except ImportError:
+                raise RuntimeError("lease mode needs asyncpg: pip install 'shoal[lease]'") from None
+            pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=4, timeout=QUERY_TIMEOUT
+            )
+            try:
+                await _create_schema(pool)
+            except BaseException:
+                await pool.close()
+                raise
+            self._pool = pool
+        return self._pool
 
     async def acquire(self, name: str, owner: str, ttl: float) -> int | None:
         """The new fencing token if the lease was free (or expired), else None."""
-        token = await self._pool.fetchval(ACQUIRE, name, owner, ttl, timeout=QUERY_TIMEOUT)
+        token = await (await self._connected()).fetchval(
+            ACQUIRE, name, owner, ttl, timeout=QUERY_TIMEOUT
+        )
         if token is not None:
-            await self._pool.execute(PRUNE_TICKS, timeout=QUERY_TIMEOUT)
+            await (await self._connected()).execute(PRUNE_TICKS, timeout=QUERY_TIMEOUT)
         return None if token is None else int(token)
 
     async def renew(self, name: str, owner: str, token: int, ttl: float) -> bool:
-        result = await self._pool.fetchval(RENEW, name, owner, token, ttl, timeout=QUERY_TIMEOUT)
+        result = await (await self._connected()).fetchval(
+            RENEW, name, owner, token, ttl, timeout=QUERY_TIMEOUT
+        )
         return result is not None
 
     async def release(self, name: str, owner: str, token: int) -> None:
         """Expire our lease now, so the next node need not wait for the TTL."""
-        await self._pool.execute(RELEASE, name, owner, token, timeout=QUERY_TIMEOUT)
+        await (await self._connected()).execute(RELEASE, name, owner, token, timeout=QUERY_TIMEOUT)
 
     async def claim_tick(self, lease: str, token: int, job: str, tick: datetime) -> bool:
         """Record that `job`'s `tick` runs under `token`; False if already run or fenced off."""
-        result = await self._pool.fetchval(
+        result = await (await self._connected()).fetchval(
             CLAIM_TICK, job, tick, token, lease, timeout=QUERY_TIMEOUT
         )
         return result is not None
 
     async def close(self) -> None:
-        await self._pool.close()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+async def _create_schema(pool: Any) -> None:
+    import asyncpg
+
+    for _ in range(3):  # concurrent CREATE IF NOT EXISTS can race on the catalog
+        try:
+            await pool.execute(SCHEMA, timeout=QUERY_TIMEOUT)
+            return
+        except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
+            continue

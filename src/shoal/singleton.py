@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from shoal.mesh import MembershipEvent
+from shoal.ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
     from shoal.lease import LeaseBackend
@@ -157,7 +158,7 @@ class Singletons:
             from shoal.lease import LeaseBackend
 
             assert self.settings.lease_dsn is not None
-            self._lease = await LeaseBackend.connect(self.settings.lease_dsn)
+            self._lease = LeaseBackend(self.settings.lease_dsn)
         for item in self._items.values():
             self._start_item(item)
         self._checker = asyncio.create_task(self._check_loop(), name="shoal-singletons")
@@ -381,6 +382,7 @@ class Singletons:
         """Acquire or renew every ttl/3; stop the task before the lease can expire."""
         assert self._lease is not None
         ttl = self.settings.lease_ttl
+        problems = RateLimitedLog(log)
         while True:
             started = time.monotonic()
             try:
@@ -399,12 +401,16 @@ class Singletons:
                     if token is not None:
                         item.lease_valid_until = started + ttl - self.drain_bound("lease")
                         self._claim(item, token)
-            except (OSError, TimeoutError) as exc:
-                log.warning("singleton %s: lease store unreachable (%s)", item.name, exc)
             except Exception as exc:  # asyncpg's errors do not share a base with OSError
-                log.warning(
-                    "singleton %s: lease error (%s: %s)", item.name, type(exc).__name__, exc
+                problems.problem(
+                    type(exc).__name__,
+                    "singleton %s: lease store error (%s: %s)",
+                    item.name,
+                    type(exc).__name__,
+                    exc,
                 )
+            else:
+                problems.recovered("singleton %s: lease store reachable again", item.name)
             deadline = started + ttl / 3
             while time.monotonic() < deadline:
                 if item.holding and time.monotonic() >= item.lease_valid_until:

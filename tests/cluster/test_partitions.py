@@ -189,3 +189,49 @@ def test_lease_mode_never_runs_a_tick_twice_and_tokens_increase(procs: Procs) ->
         for run in job_log.runs(outputs):
             counts[run.tick] = counts.get(run.tick, 0) + 1
         assert all(n == 1 for n in counts.values()), {t: n for t, n in counts.items() if n > 1}
+
+
+@pytest.mark.netns
+@needs_netns
+@pytest.mark.skipif(pg_reason is not None, reason=str(pg_reason))
+def test_lease_mode_cut_off_holder_stops_before_another_takes_over(tmp_path: Path) -> None:
+    with Network(4) as net:
+        nodes_hosts, db_host = net.hosts[:3], net.hosts[3]
+        with running_postgres(netns=db_host) as pg:
+            env = {
+                "TOPOLOGY_TYPE": "static",
+                "SHOAL_HOSTS": hosts_list([h.address for h in nodes_hosts]),
+                "POLLING_INTERVAL": "200",
+                "HI_JOB_SCHEDULE": "* * * * * *",
+                "SHOAL_SINGLETON_MODE": "lease",
+                "SHOAL_LEASE_DSN": pg.dsn,
+                "SHOAL_LEASE_TTL_MS": "2000",
+            }
+            nodes = [NetnsHiNode.start(host, tmp_path, env=env) for host in nodes_hosts]
+            for node in nodes:
+                node.wait_ready()
+
+            def takeovers() -> list[tuple[float, str, int]]:
+                return job_log.tokens([n.output() for n in nodes])
+
+            wait_until(takeovers, 15.0, interval=0.1, message="a lease holder")
+            first = takeovers()[-1]
+            holder = next(n for n in nodes if n.name == first[1])
+            holder.host.cut()  # away from the database and from its peers
+            cut_at = now_second()
+            wait_until(
+                lambda: takeovers()[-1][1] != holder.name, 10.0, interval=0.1, message="takeover"
+            )
+            holder.host.heal()
+            wait_until(lambda: now_second() >= cut_at + 8, 10.0, interval=0.2)
+            runs = job_log.runs([n.output() for n in nodes])
+            counts: dict[int, int] = {}
+            for run in runs:
+                counts[run.tick] = counts.get(run.tick, 0) + 1
+            assert all(n == 1 for n in counts.values()), {t: n for t, n in counts.items() if n > 1}
+            cut_runs = [r.started for r in runs if r.node == holder.name and r.started > cut_at - 1]
+            new_runs = [r.started for r in runs if r.node != holder.name and r.started > cut_at]
+            assert new_runs, "nobody took over"
+            assert not cut_runs or max(cut_runs) < min(new_runs)
+            tokens = [token for _, _, token in takeovers()]
+            assert tokens == sorted(set(tokens)) and len(tokens) >= 2

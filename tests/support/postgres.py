@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_postgres(timeout: float = 30.0) -> Iterator[PostgresServer]:
+def running_postgres(timeout: float = 30.0, netns: Any = None) -> Iterator[PostgresServer]:
+    """A server on 127.0.0.1, or on `netns.address` inside a `tests.support.netns.Host`."""
     bindir = postgres_bindir()
     assert bindir is not None, unavailable_reason()
     workdir = tempfile.mkdtemp(prefix="shoal-pg-")
@@ -64,7 +66,8 @@ def running_postgres(timeout: float = 30.0) -> Iterator[PostgresServer]:
         os.makedirs(datadir, mode=0o700)
         shutil.chown(workdir, "postgres")
         shutil.chown(datadir, "postgres")
-    port = _free_port()
+    port = _free_port() if netns is None else 5432
+    listen = "127.0.0.1" if netns is None else str(netns.address)
     subprocess.run(
         [f"{bindir}/initdb", "-D", datadir, "-A", "trust", "-U", user, "--no-sync"],
         check=True,
@@ -73,38 +76,45 @@ def running_postgres(timeout: float = 30.0) -> Iterator[PostgresServer]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    process = subprocess.Popen(
-        [
-            f"{bindir}/postgres",
-            "-D",
-            datadir,
-            "-p",
-            str(port),
-            "-h",
-            "127.0.0.1",
-            "-k",
-            workdir,
-            "-c",
-            "fsync=off",
-            "-c",
-            "max_connections=200",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        user=run_as,
-        cwd=workdir,
-    )
+    if netns is not None:  # clients come from the other namespace hosts
+        with open(os.path.join(datadir, "pg_hba.conf"), "a") as hba:
+            hba.write(f"host all all {netns.network.subnet} trust\n")
+    server = [
+        f"{bindir}/postgres",
+        "-D",
+        datadir,
+        "-p",
+        str(port),
+        "-h",
+        listen,
+        "-k",
+        workdir,
+        "-c",
+        "fsync=off",
+        "-c",
+        "max_connections=200",
+    ]
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    if netns is None:
+        process = subprocess.Popen(server, user=run_as, cwd=workdir, **quiet)
+    else:
+        # `ip netns exec` and `setpriv` both exec: the PID is the server's own.
+        drop = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
+        process = netns.popen([*(drop if run_as else []), *server], cwd=workdir, **quiet)
     try:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
+                if netns is None:
+                    socket.create_connection((listen, port), timeout=0.5).close()
+                else:
+                    netns.run([f"{bindir}/pg_isready", "-h", listen, "-p", str(port)])
+                break
+            except (OSError, RuntimeError):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("Postgres did not start") from None
                 time.sleep(0.05)
-        yield PostgresServer(f"postgresql://{user}@127.0.0.1:{port}/postgres", port, process)
+        yield PostgresServer(f"postgresql://{user}@{listen}:{port}/postgres", port, process)
     finally:
         process.terminate()
         try:

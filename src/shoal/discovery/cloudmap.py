@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from shoal.config import ConfigError, Peer, Settings
-from shoal.discovery._ratelimit import RateLimitedLog
 from shoal.discovery.base import Propose
+from shoal.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

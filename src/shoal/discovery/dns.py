@@ -21,8 +21,8 @@ import dns.rdatatype
 import dns.resolver
 
 from shoal.config import Peer, Settings
-from shoal.discovery._ratelimit import RateLimitedLog
 from shoal.discovery.base import Propose
+from shoal.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

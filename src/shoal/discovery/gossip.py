@@ -39,8 +39,8 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 from shoal.config import Peer, Settings
-from shoal.discovery._ratelimit import RateLimitedLog
 from shoal.discovery.base import Propose
+from shoal.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
