@@ -8,7 +8,9 @@ outage or an empty answer disconnects nobody.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 from shoal.config import Peer
@@ -22,3 +24,14 @@ class Strategy(Protocol):
     """A discovery strategy. `run` loops until cancelled, calling `propose` each round."""
 
     async def run(self, propose: Propose) -> None: ...
+
+
+async def poll_forever(
+    poll: Callable[[], Awaitable[Iterable[Peer]]], interval: float, propose: Propose
+) -> None:
+    """Call `poll` every `interval` s (start to start, no drift) and propose what it finds."""
+    next_round = time.monotonic()
+    while True:
+        propose(await poll())
+        next_round = max(next_round + interval, time.monotonic())
+        await asyncio.sleep(next_round - time.monotonic())

@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
 from typing import Any
 
 from shoal.config import ConfigError, Peer, Settings
-from shoal.discovery.base import Propose
+from shoal.discovery.base import Propose, poll_forever
 from shoal.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -66,12 +65,7 @@ class CloudMapStrategy:
         self._problems = RateLimitedLog(log)
 
     async def run(self, propose: Propose) -> None:
-        interval = self.settings.polling_interval
-        next_round = time.monotonic()
-        while True:
-            propose(await self.poll())
-            next_round = max(next_round + interval, time.monotonic())
-            await asyncio.sleep(next_round - time.monotonic())
+        await poll_forever(self.poll, self.settings.polling_interval, propose)
 
     async def poll(self) -> list[Peer]:
         """One round: the instances' addresses now, or `[]` when the call failed."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
 
 import dns.asyncresolver
 import dns.exception
@@ -21,7 +20,7 @@ import dns.rdatatype
 import dns.resolver
 
 from shoal.config import Peer, Settings
-from shoal.discovery.base import Propose
+from shoal.discovery.base import Propose, poll_forever
 from shoal.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -68,12 +67,7 @@ class DNSPollStrategy:
         self._resolver: dns.asyncresolver.Resolver | None = None
 
     async def run(self, propose: Propose) -> None:
-        interval = self.settings.polling_interval
-        next_round = time.monotonic()
-        while True:
-            propose(await self.poll())
-            next_round = max(next_round + interval, time.monotonic())
-            await asyncio.sleep(next_round - time.monotonic())
+        await poll_forever(self.poll, self.settings.polling_interval, propose)
 
     async def poll(self) -> list[Peer]:
         """One round: the peers DNS returns now, or `[]` when the lookup failed."""
