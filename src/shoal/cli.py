@@ -151,10 +151,33 @@ def status(
     if as_json:
         print_json(result)
         return
+    singletons = result.pop("singletons", None) or {}
+    job_rows = result.pop("jobs", None) or []
     for key, value in result.items():
-        if isinstance(value, list | dict):
-            value = json.dumps(value, default=str) if value else "-"
+        if isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
         typer.echo(f"{key + ':':<12} {value}")
+    typer.echo(f"{'singletons:':<12} {'-' if not singletons else ''}")
+    for name, info in singletons.items():
+        info = info if isinstance(info, dict) else {"holder": info}
+        typer.echo(f"  {name}: {info.get('holder') or 'nobody'} (mode {info.get('mode')})")
+    typer.echo(f"{'jobs:':<12} {'-' if not job_rows else ''}")
+    _print_jobs(job_rows)
+
+
+def _print_jobs(rows: list[Any]) -> None:
+    """One line per job: what a person asks first (when, where, how it went)."""
+    for job in rows:
+        if not isinstance(job, dict):
+            typer.echo(f"  {job}")
+            continue
+        state = "running" if job.get("running") else (job.get("last_status") or "never run")
+        typer.echo(
+            f"  {job.get('name')}  [{job.get('schedule')} {job.get('tz')}]"
+            f"  {job.get('run_strategy')}  last {job.get('last_run') or '-'}"
+            f" on {job.get('ran_on') or '-'} ({state})  next {job.get('next_run') or '-'}"
+            + ("" if job.get("active", True) else "  (inactive)")
+        )
 
 
 @app.command()
@@ -203,11 +226,7 @@ def jobs(node: NodeOption = None, socket: SocketOption = None, as_json: JsonOpti
         return
     if not result:
         typer.echo("no jobs")
-    for job in result:
-        if isinstance(job, dict):
-            typer.echo("  ".join(f"{k}={v}" for k, v in job.items()))
-        else:
-            typer.echo(str(job))
+    _print_jobs(result)
 
 
 @app.command("run-job")

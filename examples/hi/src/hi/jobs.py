@@ -44,5 +44,3 @@ def add_hi_job(node: Node, env: Mapping[str, str]) -> None:
             started = time.monotonic()
             await asyncio.sleep(work)
             log.info("Job done on: %s after %.3f s", node.name, time.monotonic() - started)
-        else:
-            log.info("Job done on: %s after 0.000 s", node.name)
