@@ -9,8 +9,8 @@ import pytest
 
 from shoal.config import Peer, Settings, parse_hosts
 from shoal.discovery import strategy_for
-from shoal.ratelimit import RateLimitedLog
 from shoal.discovery.static import StaticStrategy
+from shoal.ratelimit import RateLimitedLog
 from tests.discovery.conftest import Rounds
 from tests.support.procs import async_wait_until
 
