@@ -40,6 +40,8 @@ log = logging.getLogger("shoal.singleton")
 STATE_HANDLER = "shoal.singleton.state"
 # How often holders re-check quorum freshness and lease deadlines.
 CHECK_INTERVAL = 0.1
+# A singleton task that raised is started again after this pause (no crash loop).
+RESTART_DELAY = 1.0
 
 
 @dataclass
@@ -88,6 +90,7 @@ class _Singleton:
     holder_lost_at: float = 0.0  # monotonic; quorum mode waits after losing a holder
     lease_valid_until: float = 0.0  # monotonic
     lease_task: asyncio.Task[None] | None = None
+    retry_at: float = 0.0  # monotonic; after a crash, not before this
     starts: int = 0
 
 
@@ -104,7 +107,7 @@ class Singletons:
         self._stopping = False
         self._checker: asyncio.Task[None] | None = None
         self._lease: LeaseBackend | None = None
-        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
         node.register(STATE_HANDLER, self._on_peer_state)
         node.add_listener(self._on_membership)
 
@@ -295,6 +298,8 @@ class Singletons:
             return
         if item.mode == "lease" or holders or not self._settled_now():
             return
+        if time.monotonic() < item.retry_at:
+            return
         candidates = [me] + [
             peer for peer, s in self._peers.items() if item.name in s.registered and not s.draining
         ]
@@ -338,14 +343,19 @@ class Singletons:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("singleton %s failed; it will be started again", item.name)
+            log.exception(
+                "singleton %s failed; it will be started again in %.0f s", item.name, RESTART_DELAY
+            )
+            item.retry_at = time.monotonic() + RESTART_DELAY
             item.holding = False
             item.task = None
             self._broadcast()
             self._reconcile()
 
     def _spawn_release(self, item: _Singleton, why: str) -> None:
-        asyncio.get_running_loop().create_task(self._release(item, why))
+        task = asyncio.get_running_loop().create_task(self._release(item, why))
+        self._tasks.add(task)  # a task nobody references may be garbage-collected
+        task.add_done_callback(self._tasks.discard)
 
     async def _release(self, item: _Singleton, why: str) -> None:
         """Stop the task (cancellation, bounded drain), then tell the peers."""

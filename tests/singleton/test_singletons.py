@@ -185,3 +185,24 @@ async def test_lease_takeovers_increase_the_fencing_token(stopper: list[Node]) -
         assert [token for _, token in rec.starts] == [1, 2]
         for node in nodes:
             await node.stop()
+
+
+async def test_a_singleton_that_raises_is_logged_and_started_again(
+    stopper: list[Node], caplog: pytest.LogCaptureFixture
+) -> None:
+    starts: list[float] = []
+
+    async def flaky(ctx: SingletonContext) -> None:
+        starts.append(asyncio.get_running_loop().time())
+        if len(starts) == 1:
+            raise RuntimeError("boom")
+        await asyncio.Event().wait()
+
+    node, _ = make_node("127.0.77.2", [])
+    node.add_singleton("flaky", flaky)
+    stopper.append(node)
+    await node.start()
+    await async_wait_until(lambda: len(starts) == 2, 3.0)
+    assert starts[1] - starts[0] >= 0.9  # a pause, not a crash loop
+    assert "singleton flaky failed" in caplog.text and "RuntimeError: boom" in caplog.text
+    assert node.singletons.holders()["flaky"] == node.name
