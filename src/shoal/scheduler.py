@@ -380,11 +380,14 @@ class Scheduler:
         if job_name in self._jobs:
             raise JobExists(job_name)
         if misfire not in get_args(Misfire):
-            raise InvalidJob(f"job {job_name!r}: misfire must be 'skip' or 'run_once', "
-                             f"got {misfire!r}")
+            raise InvalidJob(
+                f"job {job_name!r}: misfire must be 'skip' or 'run_once', got {misfire!r}"
+            )
         if run_strategy not in get_args(RunStrategy):
-            raise InvalidJob(f"job {job_name!r}: run_strategy must be one of "
-                             f"{', '.join(get_args(RunStrategy))}, got {run_strategy!r}")
+            raise InvalidJob(
+                f"job {job_name!r}: run_strategy must be one of "
+                f"{', '.join(get_args(RunStrategy))}, got {run_strategy!r}"
+            )
         if timeout is not None and not timeout > 0:
             raise InvalidJob(f"job {job_name!r}: timeout must be > 0 seconds, got {timeout!r}")
         if isinstance(schedule, CronSchedule):
@@ -408,8 +411,9 @@ class Scheduler:
         self._jobs[job_name] = job
         self._states.setdefault(job_name, JobState())
         self._inflight.setdefault(job_name, set())
-        self._debug_log("job %r added: %s (%s), strategy=%s", job_name, parsed,
-                        parsed.tz.key, run_strategy)
+        self._debug_log(
+            "job %r added: %s (%s), strategy=%s", job_name, parsed, parsed.tz.key, run_strategy
+        )
         self._sync_ticker(job)
         return job
 
@@ -553,26 +557,28 @@ class Scheduler:
             if job.active and not job.schedule.is_reboot:
                 after = max(now, state.last_tick) if state.last_tick else now
                 next_run = job.schedule.next_after(after)
-            rows.append({
-                "name": job.name,
-                "schedule": str(job.schedule),
-                "tz": job.schedule.tz.key,
-                "active": job.active,
-                "run_strategy": job.run_strategy,
-                "overlap": job.overlap,
-                "misfire": job.misfire,
-                "timeout": job.timeout,
-                "last_run": _iso(state.last_run_at),
-                "last_tick": _iso(state.last_tick),
-                "last_completed": _iso(state.last_completed),
-                "last_status": state.last_status,
-                "last_error": state.last_error,
-                "next_run": _iso(next_run),
-                "ran_on": state.ran_on,
-                "running": self._busy(job),
-                "runs": state.runs,
-                "failures": state.failures,
-            })
+            rows.append(
+                {
+                    "name": job.name,
+                    "schedule": str(job.schedule),
+                    "tz": job.schedule.tz.key,
+                    "active": job.active,
+                    "run_strategy": job.run_strategy,
+                    "overlap": job.overlap,
+                    "misfire": job.misfire,
+                    "timeout": job.timeout,
+                    "last_run": _iso(state.last_run_at),
+                    "last_tick": _iso(state.last_tick),
+                    "last_completed": _iso(state.last_completed),
+                    "last_status": state.last_status,
+                    "last_error": state.last_error,
+                    "next_run": _iso(next_run),
+                    "ran_on": state.ran_on,
+                    "running": self._busy(job),
+                    "runs": state.runs,
+                    "failures": state.failures,
+                }
+            )
         return rows
 
     # -- running a job here -------------------------------------------------------------------
@@ -588,8 +594,12 @@ class Scheduler:
     async def _run(self, job: Job, tick: datetime) -> RunResult:
         name = job.name
         started = datetime.now(UTC)
-        self._debug_log("job %r tick %s starting, %.1f ms late", name, tick.isoformat(),
-                        (started - tick).total_seconds() * 1000)
+        self._debug_log(
+            "job %r tick %s starting, %.1f ms late",
+            name,
+            tick.isoformat(),
+            (started - tick).total_seconds() * 1000,
+        )
         self._call_hook(self.on_job_start, job, tick)
         status: RunStatus = "ok"
         error: str | None = None
@@ -599,29 +609,36 @@ class Scheduler:
                 await self._call_job(job, tick)
         except asyncio.CancelledError:
             log.warning("job %r (tick %s) cancelled", name, tick.isoformat())
-            self._call_hook(self.on_job_stop, job, self._result(job, tick, started, "cancelled",
-                                                                "cancelled"))
+            self._call_hook(
+                self.on_job_stop, job, self._result(job, tick, started, "cancelled", "cancelled")
+            )
             raise
         except Exception as exc:
             if isinstance(exc, TimeoutError) and deadline.expired():
                 status, error = "timeout", f"timed out after {job.timeout} s"
-                log.error("job %r (tick %s) timed out after %s s and was cancelled%s", name,
-                          tick.isoformat(), job.timeout,
-                          "" if job._is_async else " (its thread runs on; it cannot be stopped)")
+                log.error(
+                    "job %r (tick %s) timed out after %s s and was cancelled%s",
+                    name,
+                    tick.isoformat(),
+                    job.timeout,
+                    "" if job._is_async else " (its thread runs on; it cannot be stopped)",
+                )
             else:
                 status = "error"
                 error = "".join(traceback.format_exception_only(exc)).strip()
                 log.error("job %r (tick %s) raised", name, tick.isoformat(), exc_info=exc)
             self._call_hook(self.on_job_exception, job, tick, exc)
         result = self._result(job, tick, started, status, error)
-        self._debug_log("job %r tick %s finished: %s in %.3f s", name, tick.isoformat(),
-                        status, result.duration)
+        self._debug_log(
+            "job %r tick %s finished: %s in %.3f s", name, tick.isoformat(), status, result.duration
+        )
         self._call_hook(self.on_job_stop, job, result)
         return result
 
     async def _call_job(self, job: Job, tick: datetime) -> None:
-        args: tuple[Any, ...] = (RunContext(job.name, tick, self.node),) if job._wants_context \
-            else ()
+        args: tuple[Any, ...] = (
+            (RunContext(job.name, tick, self.node),) if job._wants_context else ()
+        )
         if job._is_async:
             await job.fn(*args)
             return
@@ -629,8 +646,9 @@ class Scheduler:
         if inspect.isawaitable(outcome):
             await outcome
 
-    def _result(self, job: Job, tick: datetime, started: datetime, status: RunStatus,
-                error: str | None) -> RunResult:
+    def _result(
+        self, job: Job, tick: datetime, started: datetime, status: RunStatus, error: str | None
+    ) -> RunResult:
         return RunResult(job.name, tick, self.node, started, datetime.now(UTC), status, error)
 
     # -- tick machinery -----------------------------------------------------------------------
@@ -652,8 +670,9 @@ class Scheduler:
         if self._tickers.get(name) is task:
             del self._tickers[name]
         if not task.cancelled() and task.exception() is not None:
-            log.error("ticker of job %r crashed; the job no longer ticks", name,
-                      exc_info=task.exception())
+            log.error(
+                "ticker of job %r crashed; the job no longer ticks", name, exc_info=task.exception()
+            )
 
     def _stop_ticker(self, name: str) -> asyncio.Task[None] | None:
         task = self._tickers.pop(name, None)
@@ -687,37 +706,58 @@ class Scheduler:
                 continue
             latest = schedule.latest_in(cursor, now) or due
             if latest.timestamp() > now.timestamp() - self.misfire_grace:
-                log.warning("job %r: missed ticks from %s to before %s skipped", job.name,
-                            due.isoformat(), latest.isoformat())
+                log.warning(
+                    "job %r: missed ticks from %s to before %s skipped",
+                    job.name,
+                    due.isoformat(),
+                    latest.isoformat(),
+                )
                 self._launch(job, latest)
             elif job.misfire == "run_once":
-                log.warning("job %r: missed ticks %s..%s; running once to catch up", job.name,
-                            due.isoformat(), latest.isoformat())
+                log.warning(
+                    "job %r: missed ticks %s..%s; running once to catch up",
+                    job.name,
+                    due.isoformat(),
+                    latest.isoformat(),
+                )
                 self._launch(job, latest)
             else:
-                log.warning("job %r: missed ticks %s..%s skipped (misfire=skip)", job.name,
-                            due.isoformat(), latest.isoformat())
+                log.warning(
+                    "job %r: missed ticks %s..%s skipped (misfire=skip)",
+                    job.name,
+                    due.isoformat(),
+                    latest.isoformat(),
+                )
             cursor = latest
 
     def _busy(self, job: Job) -> bool:
         """A run is in flight here, or the shared state says one is in flight elsewhere."""
-        return bool(self._inflight.get(job.name)) or \
-            self._states[job.name].running_since is not None
+        return (
+            bool(self._inflight.get(job.name)) or self._states[job.name].running_since is not None
+        )
 
-    def _launch(self, job: Job, tick: datetime, manual: bool = False) -> \
-            asyncio.Task[RunResult | None] | None:
+    def _launch(
+        self, job: Job, tick: datetime, manual: bool = False
+    ) -> asyncio.Task[RunResult | None] | None:
         """Claim a tick and start its run task; None if overlap=False forbids it.
 
         Synchronous, so the overlap check and the claim cannot interleave with another launch.
         """
         state = self._states[job.name]
         if not manual and state.last_tick is not None and tick <= state.last_tick:
-            self._debug_log("job %r: tick %s already started (last_tick %s); not again",
-                            job.name, tick.isoformat(), state.last_tick.isoformat())
+            self._debug_log(
+                "job %r: tick %s already started (last_tick %s); not again",
+                job.name,
+                tick.isoformat(),
+                state.last_tick.isoformat(),
+            )
             return None
         if not job.overlap and self._busy(job):
-            log.warning("job %r: tick %s skipped, previous run still running (overlap=False)",
-                        job.name, tick.isoformat())
+            log.warning(
+                "job %r: tick %s skipped, previous run still running (overlap=False)",
+                job.name,
+                tick.isoformat(),
+            )
             return None
         if not manual:
             state.last_tick = tick
@@ -738,8 +778,11 @@ class Scheduler:
         try:
             await self._emit(job, state)
         except Exception:
-            log.exception("job %r: state_changed failed for tick %s; not running it",
-                          job.name, tick.isoformat())
+            log.exception(
+                "job %r: state_changed failed for tick %s; not running it",
+                job.name,
+                tick.isoformat(),
+            )
             self._clear_running(job, state)
             return None
         result: RunResult | None = None
@@ -771,8 +814,7 @@ class Scheduler:
         try:
             await self._emit(job, state)
         except Exception:
-            log.exception("job %r: state_changed failed after tick %s", job.name,
-                          tick.isoformat())
+            log.exception("job %r: state_changed failed after tick %s", job.name, tick.isoformat())
         return result
 
     def _clear_running(self, job: Job, state: JobState) -> None:
@@ -795,8 +837,11 @@ class Scheduler:
             return
         _, pending = await asyncio.wait(runs, timeout=drain_timeout)
         for task in pending:
-            log.warning("%s still running after the %.1f s drain; cancelling it",
-                        task.get_name(), drain_timeout)
+            log.warning(
+                "%s still running after the %.1f s drain; cancelling it",
+                task.get_name(),
+                drain_timeout,
+            )
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
@@ -873,12 +918,11 @@ def _wants_context(name: str, fn: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):
         return False
     required = [
-        p for p in params
+        p
+        for p in params
         if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
-    if len(required) > 1 or any(
-        p.default is p.empty and p.kind == p.KEYWORD_ONLY for p in params
-    ):
+    if len(required) > 1 or any(p.default is p.empty and p.kind == p.KEYWORD_ONLY for p in params):
         raise InvalidJob(f"job {name!r}: the function must take no argument or one (RunContext)")
     return len(required) == 1
 

@@ -30,9 +30,11 @@ def percentile(values: list[float], p: float) -> float:
 def main() -> None:
     ticks = int(sys.argv[1]) if len(sys.argv) > 1 else 30
     lateness = [late * 1000 for late in asyncio.run(measure(ticks))]
-    print(f"tick lateness over {ticks} ticks: p50 {statistics.median(lateness):.3f} ms, "
-          f"p99 {percentile(lateness, 99):.3f} ms, max {max(lateness):.3f} ms, "
-          f"min {min(lateness):.3f} ms")
+    print(
+        f"tick lateness over {ticks} ticks: p50 {statistics.median(lateness):.3f} ms, "
+        f"p99 {percentile(lateness, 99):.3f} ms, max {max(lateness):.3f} ms, "
+        f"min {min(lateness):.3f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -215,17 +215,17 @@ def test_berlin_fall_repeat_wall_clock_fires_once_at_first_occurrence() -> None:
     ]
     # Starting inside the second pass does not fire the repeated times again.
     second_pass = datetime(2024, 10, 27, 1, 10, tzinfo=UTC)  # 02:10 CET
-    assert fires("*/15 2 * * *", "Europe/Berlin", second_pass, 1) == [
-        "2024-10-28T02:00:00+01:00"
-    ]
+    assert fires("*/15 2 * * *", "Europe/Berlin", second_pass, 1) == ["2024-10-28T02:00:00+01:00"]
 
 
 def test_new_york_gap_and_repeat() -> None:
     # 2024-03-10 02:00 EST -> 03:00 EDT; 2024-11-03 02:00 EDT -> 01:00 EST.
-    assert fires("30 2 * * *", "America/New_York", datetime(2024, 3, 9, 12, tzinfo=NEW_YORK),
-                 2) == ["2024-03-10T03:00:00-04:00", "2024-03-11T02:30:00-04:00"]
-    assert fires("30 1 * * *", "America/New_York", datetime(2024, 11, 2, 12, tzinfo=NEW_YORK),
-                 2) == ["2024-11-03T01:30:00-04:00", "2024-11-04T01:30:00-05:00"]
+    assert fires(
+        "30 2 * * *", "America/New_York", datetime(2024, 3, 9, 12, tzinfo=NEW_YORK), 2
+    ) == ["2024-03-10T03:00:00-04:00", "2024-03-11T02:30:00-04:00"]
+    assert fires(
+        "30 1 * * *", "America/New_York", datetime(2024, 11, 2, 12, tzinfo=NEW_YORK), 2
+    ) == ["2024-11-03T01:30:00-04:00", "2024-11-04T01:30:00-05:00"]
 
 
 def test_interval_schedules_follow_elapsed_time_across_the_gap() -> None:
@@ -245,8 +245,9 @@ def test_interval_schedules_run_through_both_passes_of_a_repeat() -> None:
         "2024-10-27T02:00:00+01:00",  # five real seconds later, second pass
         "2024-10-27T02:00:05+01:00",
     ]
-    hourly = fires("0 * * * *", "America/New_York", datetime(2024, 11, 3, 0, 30,
-                                                             tzinfo=NEW_YORK), 3)
+    hourly = fires(
+        "0 * * * *", "America/New_York", datetime(2024, 11, 3, 0, 30, tzinfo=NEW_YORK), 3
+    )
     assert hourly == [
         "2024-11-03T01:00:00-04:00",
         "2024-11-03T01:00:00-05:00",

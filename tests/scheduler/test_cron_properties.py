@@ -63,8 +63,9 @@ def valid(expr: str) -> bool:
 
 def croniter_next(expr: str, start: datetime) -> datetime | None:
     try:
-        found: datetime = croniter(expr, start, ret_type=datetime,
-                                   second_at_beginning=True).get_next()
+        found: datetime = croniter(
+            expr, start, ret_type=datetime, second_at_beginning=True
+        ).get_next()
     except Exception as exc:
         if type(exc).__name__ == "CroniterBadDateError":
             return None
@@ -106,10 +107,16 @@ def offset_constant(zone: ZoneInfo, a: datetime, b: datetime) -> bool:
     return b.astimezone(zone).utcoffset() == base
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
-@given(expr=expressions(), start=START, zone_name=st.sampled_from(
-    [*DST_ZONES, "Asia/Tokyo", "Australia/Sydney", "America/Sao_Paulo"]))
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+)
+@given(
+    expr=expressions(),
+    start=START,
+    zone_name=st.sampled_from([*DST_ZONES, "Asia/Tokyo", "Australia/Sydney", "America/Sao_Paulo"]),
+)
 def test_zoned_fire_times_equal_croniter_away_from_dst(
     expr: str, start: datetime, zone_name: str
 ) -> None:
@@ -144,8 +151,9 @@ def transition(zone_name: str, year: int, spring: bool) -> datetime:
     # America/New_York since 2007: 2nd Sunday of March 07:00 UTC, 1st Sunday of Nov 06:00 UTC
     month = 3 if spring else 11
     sundays = [d for d, wd in cal.itermonthdays2(year, month) if d and wd == 6]
-    return datetime(year, month, sundays[1] if spring else sundays[0], 7 if spring else 6,
-                    tzinfo=UTC)
+    return datetime(
+        year, month, sundays[1] if spring else sundays[0], 7 if spring else 6, tzinfo=UTC
+    )
 
 
 class Matcher:
@@ -166,8 +174,12 @@ class Matcher:
         self.second = values(5, range(60)) if len(expanded) > 5 else {0}
 
     def __call__(self, w: datetime) -> bool:
-        if not (w.second in self.second and w.minute in self.minute and w.hour in self.hour
-                and w.month in self.month):
+        if not (
+            w.second in self.second
+            and w.minute in self.minute
+            and w.hour in self.hour
+            and w.month in self.month
+        ):
             return False
         dom_ok, dow_ok = w.day in self.dom, (w.weekday() + 1) % 7 in self.dow
         if not self.dom_any and not self.dow_any:
@@ -175,8 +187,9 @@ class Matcher:
         return dom_ok and dow_ok
 
 
-def oracle(schedule: CronSchedule, match: Matcher, lo: datetime, hi: datetime,
-           trans: datetime) -> list[datetime]:
+def oracle(
+    schedule: CronSchedule, match: Matcher, lo: datetime, hi: datetime, trans: datetime
+) -> list[datetime]:
     """Every fire instant in [lo, hi] under the documented policy, by walking each second."""
     zone = schedule.tz
     found: set[datetime] = set()
@@ -210,8 +223,11 @@ def dst_expressions(draw: st.DrawFn) -> str:
     return f"{seconds} {minutes} {draw(NEAR_HOURS)} {draw(PLAIN_DOM)} * *"
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+)
 @given(
     expr=dst_expressions(),
     zone_name=st.sampled_from(DST_ZONES),
@@ -225,8 +241,9 @@ def test_dst_edges_follow_the_policy(
     trans = transition(zone_name, year, spring)
     zone = ZoneInfo(zone_name)
     # The rules computed above really are the zone's transitions.
-    assert (trans - timedelta(seconds=1)).astimezone(zone).utcoffset() != \
-        trans.astimezone(zone).utcoffset()
+    assert (trans - timedelta(seconds=1)).astimezone(zone).utcoffset() != trans.astimezone(
+        zone
+    ).utcoffset()
     schedule = CronSchedule.parse(expr, zone)
     lo, hi = trans - timedelta(minutes=90), trans + timedelta(minutes=90)
     expected_fires = oracle(schedule, Matcher(expr), lo, hi, trans)
@@ -247,8 +264,12 @@ def test_dst_edges_follow_the_policy(
 
 
 @settings(max_examples=100, deadline=None)
-@given(expr=expressions(), zone_name=st.sampled_from(DST_ZONES), start=START,
-       hours=st.integers(1, 24 * 400))
+@given(
+    expr=expressions(),
+    zone_name=st.sampled_from(DST_ZONES),
+    start=START,
+    hours=st.integers(1, 24 * 400),
+)
 def test_latest_in_is_the_last_fire_before_until(
     expr: str, zone_name: str, start: datetime, hours: int
 ) -> None:

@@ -129,8 +129,11 @@ async def test_hooks_see_start_stop_and_exception(scheduler: Scheduler) -> None:
     scheduler.add_job("@daily", broken)
     result = await scheduler.run_now("broken")
     assert result.status == "error" and result.error == "ValueError: bad input"
-    assert seen == [("start", "broken"), ("exception", "ValueError('bad input')"),
-                    ("stop", "error")]
+    assert seen == [
+        ("start", "broken"),
+        ("exception", "ValueError('bad input')"),
+        ("stop", "error"),
+    ]
 
 
 async def test_a_failing_hook_does_not_stop_the_job(scheduler: Scheduler, logs: LogWatch) -> None:
@@ -358,15 +361,17 @@ async def test_stop_leading_lets_short_runs_finish(scheduler: Scheduler) -> None
     assert states["short"].last_completed == states["short"].last_tick
 
 
-async def test_overlap_false_holds_across_a_handover(
-    scheduler: Scheduler, logs: LogWatch
-) -> None:
+async def test_overlap_false_holds_across_a_handover(scheduler: Scheduler, logs: LogWatch) -> None:
     ticks: asyncio.Queue[datetime] = asyncio.Queue()
     scheduler.add_job("* * * * * *", recorder(ticks), name="single")
     await scheduler.start()
     now = datetime.now(UTC)
-    running_elsewhere = JobState(last_tick=now.replace(microsecond=0), running_since=now,
-                                 running_tick=now.replace(microsecond=0), ran_on="node-b")
+    running_elsewhere = JobState(
+        last_tick=now.replace(microsecond=0),
+        running_since=now,
+        running_tick=now.replace(microsecond=0),
+        ran_on="node-b",
+    )
     scheduler.start_leading({"single": running_elsewhere})
     await logs.wait_for("skipped, previous run still running")
     assert ticks.empty()
@@ -388,8 +393,7 @@ async def test_the_dispatcher_decides_where_a_tick_runs(scheduler: Scheduler) ->
 
     ran: list[str] = []
     scheduler.dispatcher = ElsewhereDispatcher()
-    scheduler.add_job("* * * * * *", lambda: ran.append("x"), name="rand",
-                      run_strategy="random")
+    scheduler.add_job("* * * * * *", lambda: ran.append("x"), name="rand", run_strategy="random")
     scheduler.add_job("@daily", lambda: ran.append("y"), name="remote")
     await scheduler.start()
     name, tick = await asyncio.wait_for(calls.get(), DEADLINE)
@@ -418,16 +422,29 @@ async def test_reboot_fires_once_at_start(scheduler: Scheduler) -> None:
 
 
 async def test_job_api_round_trip(scheduler: Scheduler) -> None:
-    @scheduler.job("*/5 * * * * *", name="hello", tz="Europe/Berlin", timeout=3,
-                   misfire="run_once", run_strategy="all")
+    @scheduler.job(
+        "*/5 * * * * *",
+        name="hello",
+        tz="Europe/Berlin",
+        timeout=3,
+        misfire="run_once",
+        run_strategy="all",
+    )
     async def hello() -> None:
         pass
 
     job = scheduler.find_job("hello")
-    assert (job.name, str(job.schedule), job.schedule.tz.key) == \
-        ("hello", "*/5 * * * * *", "Europe/Berlin")
-    assert (job.timeout, job.misfire, job.run_strategy, job.overlap) == \
-        (3, "run_once", "all", False)
+    assert (job.name, str(job.schedule), job.schedule.tz.key) == (
+        "hello",
+        "*/5 * * * * *",
+        "Europe/Berlin",
+    )
+    assert (job.timeout, job.misfire, job.run_strategy, job.overlap) == (
+        3,
+        "run_once",
+        "all",
+        False,
+    )
     added = scheduler.add_job(CronSchedule.parse("@hourly", "Asia/Tokyo"), hello, name="again")
     assert [j.name for j in scheduler.list_jobs()] == ["again", "hello"]
     assert "again" in scheduler
@@ -443,8 +460,13 @@ async def test_job_api_errors(scheduler: Scheduler) -> None:
     scheduler.add_job("@daily", lambda: None, name="one")
     with pytest.raises(JobExists, match="'one' already exists"):
         scheduler.add_job("@hourly", lambda: None, name="one")
-    for call in (scheduler.find_job, scheduler.delete_job, scheduler.activate_job,
-                 scheduler.deactivate_job, scheduler.job_state):
+    for call in (
+        scheduler.find_job,
+        scheduler.delete_job,
+        scheduler.activate_job,
+        scheduler.deactivate_job,
+        scheduler.job_state,
+    ):
         with pytest.raises(JobNotFound, match="no job named 'missing'"):
             call("missing")
     with pytest.raises(JobNotFound):
@@ -486,8 +508,9 @@ def test_bad_schedules_and_zones_fail_at_definition() -> None:
 async def test_deactivated_jobs_do_not_tick(scheduler: Scheduler) -> None:
     ticks: asyncio.Queue[datetime] = asyncio.Queue()
     other: asyncio.Queue[datetime] = asyncio.Queue()
-    scheduler.add_job("* * * * * *", recorder(ticks), name="paused", run_strategy="local",
-                      active=False)
+    scheduler.add_job(
+        "* * * * * *", recorder(ticks), name="paused", run_strategy="local", active=False
+    )
     scheduler.add_job("* * * * * *", recorder(other), name="witness", run_strategy="local")
     await scheduler.start()
     await next_item(other)
@@ -507,14 +530,23 @@ async def test_jobs_snapshot_is_json_ready(scheduler: Scheduler) -> None:
     assert row["ran_on"] == "node-a@127.0.0.2" and row["last_run"] is not None
     assert row["last_tick"] is None  # run_now does not move the schedule
     next_run = datetime.fromisoformat(row["next_run"])
-    assert next_run > datetime.now(UTC) and next_run.astimezone(
-        scheduler.find_job("report").schedule.tz).hour == 9
+    assert (
+        next_run > datetime.now(UTC)
+        and next_run.astimezone(scheduler.find_job("report").schedule.tz).hour == 9
+    )
 
 
 def test_wire_formats_round_trip_and_reject_garbage() -> None:
     now = datetime.now(UTC)
-    state = JobState(last_tick=now.replace(microsecond=0), last_completed=now, ran_on="n@h",
-                     last_error="ValueError: x", last_duration=0.25, runs=3, failures=1)
+    state = JobState(
+        last_tick=now.replace(microsecond=0),
+        last_completed=now,
+        ran_on="n@h",
+        last_error="ValueError: x",
+        last_duration=0.25,
+        runs=3,
+        failures=1,
+    )
     assert JobState.from_wire(msgpack.unpackb(msgpack.packb(state.to_wire()))) == state
     assert JobState.from_wire({}) == JobState()
     assert JobState.from_wire({**state.to_wire(), "future_field": 1}) == state
@@ -546,8 +578,13 @@ def test_stale_state_updates_are_ignored() -> None:
     s.update_state("j", JobState(last_tick=t, runs=9, ran_on="old"))  # older tick: ignored
     assert s.job_state("j").ran_on == "b"
     # Our own earlier "running" report echoed back, while nothing runs here: not running.
-    echo = JobState(last_tick=t + timedelta(seconds=3), runs=5, running_since=t,
-                    running_tick=t + timedelta(seconds=3), running_on="me")
+    echo = JobState(
+        last_tick=t + timedelta(seconds=3),
+        runs=5,
+        running_since=t,
+        running_tick=t + timedelta(seconds=3),
+        running_on="me",
+    )
     s.update_state("j", echo)
     state = s.job_state("j")
     assert state.last_tick == t + timedelta(seconds=3) and state.running_since is None
