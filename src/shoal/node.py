@@ -72,13 +72,18 @@ class Node:
         self.mesh = Mesh(self.settings, self.messaging.on_frame, self._membership_changed)
         self.messaging.mesh = self.mesh
         await self.mesh.start()
+        try:
+            strategy = self._strategy or strategy_for(self.settings)
+            await self.singletons.start()
+            await self.scheduler.start()
+        except BaseException:
+            await self.mesh.stop()  # do not leave the port bound behind a failed start
+            self.mesh = None
+            raise
         self.listening = True
-        strategy = self._strategy or strategy_for(self.settings)
         self._discovery_task = asyncio.create_task(
             self._run_discovery(strategy), name="shoal-discovery"
         )
-        await self.singletons.start()
-        await self.scheduler.start()
         self.control = ControlServer(self)
         try:
             await self.control.start()
@@ -130,7 +135,8 @@ class Node:
         await self.stop()
 
     def on_stop(self, hook: Callable[[], Any]) -> None:
-        """Run `hook` (sync or async) at the start of a graceful stop, before leaving the mesh."""
+        """Run `hook` (sync or async) during a graceful stop: after singletons and jobs
+        have handed over, before the node leaves the mesh."""
         self._stop_hooks.append(hook)
 
     @property
