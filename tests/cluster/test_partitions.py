@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -235,3 +237,59 @@ def test_lease_mode_cut_off_holder_stops_before_another_takes_over(tmp_path: Pat
             assert not cut_runs or max(cut_runs) < min(new_runs)
             tokens = [token for _, _, token in takeovers()]
             assert tokens == sorted(set(tokens)) and len(tokens) >= 2
+
+
+@pytest.mark.skipif(pg_reason is not None, reason=str(pg_reason))
+def test_run_once_catches_up_one_missed_tick_after_a_failover(procs: Procs) -> None:
+    """The holder dies just before a tick; a lease-mode takeover comes 2-4 s later, past
+    the 1 s misfire grace. With `run_once` the new holder runs that tick once, late (with
+    `skip` it would drop it): the last started tick is shared, so it knows it was missed."""
+    hosts = [f"127.0.55.{i}" for i in range(2, 4)]
+    with running_postgres() as pg:
+        env = {
+            "TOPOLOGY_TYPE": "static",
+            "SHOAL_HOSTS": hosts_list(hosts),
+            "HI_JOB_SCHEDULE": "*/5 * * * * *",
+            "HI_JOB_MISFIRE": "run_once",
+            "SHOAL_SINGLETON_MODE": "lease",
+            "SHOAL_LEASE_DSN": pg.dsn,
+            "SHOAL_LEASE_TTL_MS": "3000",
+        }
+        nodes = [HiNode.start(procs, h, env=env) for h in hosts]
+        for node in nodes:
+            node.wait_ready()
+
+        def takeovers() -> list[tuple[float, str, int]]:
+            return job_log.tokens([n.proc.output() for n in nodes])
+
+        wait_until(takeovers, 15.0, message="a lease holder")
+        holder = next(n for n in nodes if n.name == takeovers()[-1][1])
+        survivor = next(n for n in nodes if n is not holder)
+        wait_until(lambda: job_log.runs([holder.proc.output()]), 10.0, message="a first run")
+        # Kill it 0.3 s before the next tick (ticks are every 5 s).
+        wait_until(lambda: 4.6 < now_second() % 5 < 4.8, 6.0, interval=0.01)
+        holder.proc.kill()
+        missed_tick = math.ceil(now_second())
+        wait_until(lambda: takeovers()[-1][1] == survivor.name, 10.0, message="takeover")
+        catch_up = re.compile(r"job 'hi': missed ticks (\S+)\.\.(\S+); running once to catch up")
+        found = wait_until(
+            lambda: catch_up.search(survivor.proc.output()),
+            5.0,
+            message=f"the missed tick caught up\n{procs.dump()}",
+        )
+        newest_missed = datetime.fromisoformat(found.group(2)).astimezone()
+        assert newest_missed.hour * 3600 + newest_missed.minute * 60 + newest_missed.second == (
+            missed_tick % 86400
+        )
+        late = wait_until(
+            lambda: [
+                r for r in job_log.runs([survivor.proc.output()]) if r.started - missed_tick > 1
+            ],
+            2.0,
+            message="the late run",
+        )
+        assert late[0].started - missed_tick < 5.0  # late, and before the next tick
+        runs = job_log.runs([n.proc.output() for n in nodes])
+        assert catch_up.findall(survivor.proc.output()) == [found.groups()]  # only once
+        ticks = [r.tick for r in runs]
+        assert len(ticks) == len(set(ticks)), "a tick ran twice"

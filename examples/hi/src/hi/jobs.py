@@ -31,7 +31,11 @@ def add_hi_job(node: Node, env: Mapping[str, str]) -> None:
     if not 0 <= work <= 3600:
         raise ConfigError(f"HI_JOB_SECONDS={work_text!r}: expected 0 to 3600 seconds.")
 
-    @node.job(schedule, name="hi")
+    misfire = env.get("HI_JOB_MISFIRE") or "skip"
+    if misfire not in ("skip", "run_once"):
+        raise ConfigError(f"HI_JOB_MISFIRE={misfire!r}: use skip or run_once.")
+
+    @node.job(schedule, name="hi", misfire=misfire)
     async def hi_job(ctx: RunContext) -> None:
         peers = ", ".join(node.nodes())
         log.info(
