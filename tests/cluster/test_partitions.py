@@ -6,7 +6,7 @@ import math
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -133,29 +133,38 @@ def procs() -> Iterator[Procs]:
         yield running
 
 
+def start_lease_cluster(
+    procs: Procs, hosts: list[str], dsn: str, **extra: str
+) -> tuple[list[HiNode], Callable[[], list[tuple[float, str, int]]]]:
+    """`hi` nodes in lease mode, ready, with a function listing their takeovers so far."""
+    env = {
+        "TOPOLOGY_TYPE": "static",
+        "SHOAL_HOSTS": hosts_list(hosts),
+        "HI_JOB_SCHEDULE": "* * * * * *",
+        "SHOAL_SINGLETON_MODE": "lease",
+        "SHOAL_LEASE_DSN": dsn,
+        **extra,
+    }
+    nodes = [HiNode.start(procs, h, env=env) for h in hosts]
+    for node in nodes:
+        node.wait_ready()
+
+    def takeovers() -> list[tuple[float, str, int]]:
+        return job_log.tokens([n.proc.output() for n in nodes])
+
+    wait_until(takeovers, 15.0, message="a lease holder")
+    return nodes, takeovers
+
+
 @pytest.mark.skipif(pg_reason is not None, reason=str(pg_reason))
 def test_lease_mode_never_runs_a_tick_twice_and_tokens_increase(procs: Procs) -> None:
     hosts = [f"127.0.54.{i}" for i in range(2, 5)]
     with running_postgres() as pg:
-        env = {
-            "TOPOLOGY_TYPE": "static",
-            "SHOAL_HOSTS": hosts_list(hosts),
-            "HI_JOB_SCHEDULE": "* * * * * *",
-            "SHOAL_SINGLETON_MODE": "lease",
-            "SHOAL_LEASE_DSN": pg.dsn,
-            "SHOAL_LEASE_TTL_MS": "2000",
-        }
-        nodes = [HiNode.start(procs, h, env=env) for h in hosts]
-        for node in nodes:
-            node.wait_ready()
-
-        def takeovers() -> list[tuple[float, str, int]]:
-            return job_log.tokens([n.proc.output() for n in nodes])
+        nodes, takeovers = start_lease_cluster(procs, hosts, pg.dsn, SHOAL_LEASE_TTL_MS="2000")
 
         def by_name(name: str) -> HiNode:
             return next(n for n in nodes if n.name == name)
 
-        wait_until(takeovers, 15.0, message="a lease holder")
         # 1. Pause the holder past its lease; another node takes over; resume it.
         paused = by_name(takeovers()[-1][1])
         paused.proc.signal(signal.SIGSTOP)
@@ -246,23 +255,14 @@ def test_run_once_catches_up_one_missed_tick_after_a_failover(procs: Procs) -> N
     `skip` it would drop it): the last started tick is shared, so it knows it was missed."""
     hosts = [f"127.0.55.{i}" for i in range(2, 4)]
     with running_postgres() as pg:
-        env = {
-            "TOPOLOGY_TYPE": "static",
-            "SHOAL_HOSTS": hosts_list(hosts),
-            "HI_JOB_SCHEDULE": "*/5 * * * * *",
-            "HI_JOB_MISFIRE": "run_once",
-            "SHOAL_SINGLETON_MODE": "lease",
-            "SHOAL_LEASE_DSN": pg.dsn,
-            "SHOAL_LEASE_TTL_MS": "3000",
-        }
-        nodes = [HiNode.start(procs, h, env=env) for h in hosts]
-        for node in nodes:
-            node.wait_ready()
-
-        def takeovers() -> list[tuple[float, str, int]]:
-            return job_log.tokens([n.proc.output() for n in nodes])
-
-        wait_until(takeovers, 15.0, message="a lease holder")
+        nodes, takeovers = start_lease_cluster(
+            procs,
+            hosts,
+            pg.dsn,
+            HI_JOB_SCHEDULE="*/5 * * * * *",
+            HI_JOB_MISFIRE="run_once",
+            SHOAL_LEASE_TTL_MS="3000",
+        )
         holder = next(n for n in nodes if n.name == takeovers()[-1][1])
         survivor = next(n for n in nodes if n is not holder)
         wait_until(lambda: job_log.runs([holder.proc.output()]), 10.0, message="a first run")
