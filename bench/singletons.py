@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -80,50 +81,39 @@ def lateness(ticks: int) -> tuple[float, float, int]:
         return statistics.median(late), percentile(late, 0.99), len(late)
 
 
-def failover_after_sigkill(rounds: int) -> list[float]:
+def takeover_times(subnet: str, rounds: int, stop: Callable[[HiNode], float]) -> list[float]:
+    """ms from the moment `stop(holder)` returns (its own reference time) to the takeover."""
     results = []
     for round_ in range(rounds):
         with Procs() as procs:
-            nodes = start(procs, [f"127.0.61.{i}" for i in range(2 + 3 * round_, 5 + 3 * round_)])
+            hosts = [f"{subnet}.{i}" for i in range(2 + 3 * round_, 5 + 3 * round_)]
+            nodes = start(procs, hosts)
             holder = holder_of(nodes)
-            killed_at = seconds_of_day()
-            holder.proc.kill()
+            since = stop(holder)
             others = [n for n in nodes if n is not holder]
-            wait_until(
-                lambda o=others, h=holder, k=killed_at: takeover_after(
-                    [n.proc.output() for n in o], k, h.name
-                ),
-                5.0,
-            )
-            took = takeover_after([n.proc.output() for n in others], killed_at, holder.name)
-            assert took is not None
-            results.append((took - killed_at) * 1000)
+
+            def took(
+                o: list[HiNode] = others, h: HiNode = holder, t: float = since
+            ) -> float | None:
+                return takeover_after([n.proc.output() for n in o], t, h.name)
+
+            results.append((wait_until(took, 5.0) - since) * 1000)
     return results
 
 
-def handover_gap(rounds: int) -> list[float]:
-    results = []
-    for round_ in range(rounds):
-        with Procs() as procs:
-            nodes = start(procs, [f"127.0.62.{i}" for i in range(2 + 3 * round_, 5 + 3 * round_)])
-            holder = holder_of(nodes)
-            holder.proc.signal(signal.SIGTERM)
-            holder.proc.wait(15)
-            stopped = [
-                m for line in holder.proc.output().splitlines() if (m := STOPPING.match(line))
-            ]
-            released = job_log.parse_stamp(stopped[-1].group(1))
-            others = [n for n in nodes if n is not holder]
-            wait_until(
-                lambda o=others, h=holder, r=released: takeover_after(
-                    [n.proc.output() for n in o], r, h.name
-                ),
-                5.0,
-            )
-            took = takeover_after([n.proc.output() for n in others], released, holder.name)
-            assert took is not None
-            results.append((took - released) * 1000)
-    return results
+def sigkill(holder: HiNode) -> float:
+    """Kill the holder; the reference is the moment of the kill."""
+    killed_at = seconds_of_day()
+    holder.proc.kill()
+    return killed_at
+
+
+def sigterm(holder: HiNode) -> float:
+    """Stop the holder gracefully; the reference is when it logged releasing the singleton."""
+    holder.proc.signal(signal.SIGTERM)
+    holder.proc.wait(15)
+    stopped = [m for line in holder.proc.output().splitlines() if (m := STOPPING.match(line))]
+    return job_log.parse_stamp(stopped[-1].group(1))
 
 
 def quorum_partition_takeover() -> float | None:
@@ -162,8 +152,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
-    kill = failover_after_sigkill(args.rounds)
-    gap = handover_gap(args.rounds)
+    kill = takeover_times("127.0.61", args.rounds, sigkill)
+    gap = takeover_times("127.0.62", args.rounds, sigterm)
     partition = quorum_partition_takeover()
     p50, p99, counted = lateness(args.ticks)
 
