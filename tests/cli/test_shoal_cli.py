@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dns_server import FakeDNSServer
+from tests.support.dns_server import LocalDNSServer
 from tests.support.hi import HiNode, hosts_list
 from tests.support.procs import Procs
 
@@ -226,7 +226,7 @@ def test_jobs_lists_the_hi_job_and_run_job_runs_it_on_the_leader(
 
 
 def test_lookup_prints_the_addresses_dns_returns() -> None:
-    with FakeDNSServer() as dns:
+    with LocalDNSServer() as dns:
         dns.set_records("hi.service.local", ["127.0.11.21", "127.0.11.20", "::1"])
         result = shoal("lookup", "hi.service.local", "--dns-server", dns.address_text)
         assert result.returncode == 0, result.stderr
@@ -234,7 +234,7 @@ def test_lookup_prints_the_addresses_dns_returns() -> None:
 
 
 def test_lookup_of_a_missing_name_is_a_clear_error() -> None:
-    with FakeDNSServer() as dns:
+    with LocalDNSServer() as dns:
         dns.set_mode("nxdomain")
         missing = shoal("lookup", "hi.service.local", "--dns-server", dns.address_text)
         assert missing.returncode == 1

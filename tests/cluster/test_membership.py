@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.support.dns_server import FakeDNSServer
+from tests.support.dns_server import LocalDNSServer
 from tests.support.hi import HiNode, hosts_list, time_until
 from tests.support.procs import Procs, wait_until
 
@@ -113,7 +113,7 @@ def test_dns_polling_keeps_services_apart_and_survives_outages(procs: Procs) -> 
     vegeta_hosts = ["127.0.45.2", "127.0.45.3"]
     krillin_hosts = ["127.0.45.4", "127.0.45.5"]
     late = "127.0.45.6"
-    with FakeDNSServer() as dns:
+    with LocalDNSServer() as dns:
         # One name for all four tasks, as the seed's single Cloud Map service had.
         dns.set_records("app.ecs.local", [*vegeta_hosts, *krillin_hosts])
 

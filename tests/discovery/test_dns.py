@@ -13,13 +13,13 @@ from shoal.config import Peer, Settings
 from shoal.discovery import strategy_for
 from shoal.discovery.dns import DNSLookupError, DNSPollStrategy, lookup_all_ips
 from tests.discovery.conftest import Rounds
-from tests.support.dns_server import FakeDNSServer
+from tests.support.dns_server import LocalDNSServer
 from tests.support.procs import async_wait_until
 
 NAME = "hi.service.local"
 
 
-def settings(dns: FakeDNSServer, **overrides: object) -> Settings:
+def settings(dns: LocalDNSServer, **overrides: object) -> Settings:
     return Settings(
         cookie="secret",
         basename="hi",
@@ -53,7 +53,7 @@ class Running:
 
 
 @pytest.fixture
-async def poll(dns_server: FakeDNSServer) -> AsyncIterator[Running]:
+async def poll(dns_server: LocalDNSServer) -> AsyncIterator[Running]:
     running = Running(DNSPollStrategy(settings(dns_server), lifetime=0.3))
     try:
         yield running
@@ -62,7 +62,7 @@ async def poll(dns_server: FakeDNSServer) -> AsyncIterator[Running]:
         await asyncio.gather(running.task, return_exceptions=True)
 
 
-async def test_records_appear_then_change(dns_server: FakeDNSServer, poll: Running) -> None:
+async def test_records_appear_then_change(dns_server: LocalDNSServer, poll: Running) -> None:
     assert (await poll.next_rounds(1))[-1] == []  # NXDOMAIN: a round, no peers
     dns_server.set_records(NAME, ["127.0.0.3", "127.0.0.2", "127.0.0.4"])
     await async_wait_until(lambda: poll.rounds.last == peers("127.0.0.3", "127.0.0.4"), 5)
@@ -71,7 +71,7 @@ async def test_records_appear_then_change(dns_server: FakeDNSServer, poll: Runni
     assert dns_server.query_count(NAME) >= 6  # really asked over the network, every round
 
 
-async def test_aaaa_records_are_proposed(dns_server: FakeDNSServer, poll: Running) -> None:
+async def test_aaaa_records_are_proposed(dns_server: LocalDNSServer, poll: Running) -> None:
     dns_server.set_records(NAME, ["::1", "fd00::7", "127.0.0.9"])
     await async_wait_until(
         lambda: poll.rounds.last == peers("127.0.0.9", "::1", "fd00::7"), 5, message="AAAA"
@@ -80,7 +80,7 @@ async def test_aaaa_records_are_proposed(dns_server: FakeDNSServer, poll: Runnin
 
 @pytest.mark.parametrize("mode", ["servfail", "nxdomain", "timeout"])
 async def test_failures_propose_nothing_and_polling_goes_on(
-    dns_server: FakeDNSServer, poll: Running, mode: str, caplog: pytest.LogCaptureFixture
+    dns_server: LocalDNSServer, poll: Running, mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     dns_server.set_records(NAME, ["127.0.0.3"])
     await async_wait_until(lambda: poll.rounds.last == peers("127.0.0.3"), 5)
@@ -98,7 +98,7 @@ async def test_failures_propose_nothing_and_polling_goes_on(
     assert any("answers again" in r.getMessage() for r in caplog.records)
 
 
-async def test_timeout_round_is_bounded_by_the_lifetime(dns_server: FakeDNSServer) -> None:
+async def test_timeout_round_is_bounded_by_the_lifetime(dns_server: LocalDNSServer) -> None:
     dns_server.set_mode("timeout")
     strategy = DNSPollStrategy(settings(dns_server), lifetime=0.3)
     start = time.monotonic()
@@ -107,19 +107,19 @@ async def test_timeout_round_is_bounded_by_the_lifetime(dns_server: FakeDNSServe
 
 
 async def test_unreachable_nameserver_is_a_failed_round() -> None:
-    with FakeDNSServer() as dns:
+    with LocalDNSServer() as dns:
         s = settings(dns)
     # The server is gone: nothing listens on that port any more.
     assert await DNSPollStrategy(s, lifetime=0.3).poll() == []
 
 
-async def test_name_query_sets_the_basename_of_proposed_peers(dns_server: FakeDNSServer) -> None:
+async def test_name_query_sets_the_basename_of_proposed_peers(dns_server: LocalDNSServer) -> None:
     dns_server.set_records(NAME, ["127.0.0.3"])
     s = settings(dns_server, basename="vegeta", name_query="vegeta")
     assert await DNSPollStrategy(s).poll() == [Peer("vegeta", "127.0.0.3", 4370)]
 
 
-async def test_lookup_all_ips(dns_server: FakeDNSServer) -> None:
+async def test_lookup_all_ips(dns_server: LocalDNSServer) -> None:
     dns_server.set_records(NAME, ["127.0.0.3", "::1", "127.0.0.2", "127.0.0.3"])
     assert await lookup_all_ips(NAME, dns_server.address) == ["127.0.0.2", "127.0.0.3", "::1"]
     assert await lookup_all_ips(NAME, dns_server.address_text) == [
@@ -134,7 +134,7 @@ async def test_lookup_all_ips(dns_server: FakeDNSServer) -> None:
 @pytest.mark.parametrize(
     ("mode", "kind"), [("servfail", "servfail"), ("nxdomain", "nxdomain"), ("timeout", "timeout")]
 )
-async def test_lookup_all_ips_errors(dns_server: FakeDNSServer, mode: str, kind: str) -> None:
+async def test_lookup_all_ips_errors(dns_server: LocalDNSServer, mode: str, kind: str) -> None:
     dns_server.set_records(NAME, ["127.0.0.3"])
     dns_server.set_mode(mode)  # type: ignore[arg-type]
     with pytest.raises(DNSLookupError) as raised:
@@ -142,7 +142,7 @@ async def test_lookup_all_ips_errors(dns_server: FakeDNSServer, mode: str, kind:
     assert raised.value.kind == kind
 
 
-async def test_tcp_listener_answers_too(dns_server: FakeDNSServer) -> None:
+async def test_tcp_listener_answers_too(dns_server: LocalDNSServer) -> None:
     import dns.asyncquery
     import dns.message
 
@@ -152,5 +152,5 @@ async def test_tcp_listener_answers_too(dns_server: FakeDNSServer) -> None:
     assert [rr.address for rrset in response.answer for rr in rrset] == ["127.0.0.3"]
 
 
-def test_selected_by_default_topology(dns_server: FakeDNSServer) -> None:
+def test_selected_by_default_topology(dns_server: LocalDNSServer) -> None:
     assert isinstance(strategy_for(settings(dns_server)), DNSPollStrategy)

@@ -4,7 +4,7 @@ It plays Cloud Map: set the A/AAAA records of a name, change them while nodes
 poll, or make it fail (SERVFAIL, NXDOMAIN, or silence). Clients reach it over
 the network, exactly as in production:
 
-    with FakeDNSServer() as dns:
+    with LocalDNSServer() as dns:
         dns.set_records("hi.local", ["127.0.0.2", "127.0.0.3"])
         env = {"SHOAL_DNS_SERVER": dns.address_text, "SERVICE_DISCOVERY_ENDPOINT": "hi.local"}
         ...
@@ -38,7 +38,7 @@ def _key(name: str) -> str:
 
 
 class _Resolver(BaseResolver):  # type: ignore[misc]
-    def __init__(self, server: FakeDNSServer) -> None:
+    def __init__(self, server: LocalDNSServer) -> None:
         self._server = server
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
@@ -66,7 +66,7 @@ class _Handler(DNSHandler):  # type: ignore[misc]
     """Drops queries in "timeout" mode instead of answering (the resolver times out)."""
 
     def handle(self) -> None:
-        server: FakeDNSServer = self.server.fake
+        server: LocalDNSServer = self.server.owner
         if server.mode == "timeout":
             server._count("(dropped)", "-")
             if self.server.socket_type == socket.SOCK_STREAM:
@@ -82,7 +82,7 @@ class _QuietLogger:
         return lambda *args, **kwargs: None
 
 
-class FakeDNSServer:
+class LocalDNSServer:
     """A DNS server on `127.0.0.1:<port>` (UDP+TCP on the same port) with mutable records."""
 
     def __init__(self, host: str = "127.0.0.1", ttl: int = 0) -> None:
@@ -132,7 +132,7 @@ class FakeDNSServer:
         return f"{self.host}:{self.port}"
 
     # -- lifecycle -----------------------------------------------------------------
-    def start(self) -> FakeDNSServer:
+    def start(self) -> LocalDNSServer:
         """Bind UDP on an ephemeral port, then TCP on the same port (retrying on a clash)."""
         resolver = _Resolver(self)
         last_error: OSError | None = None
@@ -157,12 +157,12 @@ class FakeDNSServer:
             self.port = port
             self._servers = [udp, tcp]
             for server in self._servers:
-                server.server.fake = self
+                server.server.owner = self
                 # A short poll interval: stop() returns in ~50 ms, not 0.5 s.
                 server.thread = threading.Thread(
                     target=server.server.serve_forever,
                     kwargs={"poll_interval": 0.05},
-                    name=f"fake-dns-{port}",
+                    name=f"local-dns-{port}",
                     daemon=True,
                 )
                 server.thread.start()
@@ -181,7 +181,7 @@ class FakeDNSServer:
             server.thread.join(timeout=5)
         self._servers = []
 
-    def __enter__(self) -> FakeDNSServer:
+    def __enter__(self) -> LocalDNSServer:
         return self.start()
 
     def __exit__(

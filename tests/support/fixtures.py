@@ -9,14 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.dns_server import FakeDNSServer
+from tests.support.dns_server import LocalDNSServer
 from tests.support.procs import Procs
 
 
 @pytest.fixture
-def dns_server() -> Iterator[FakeDNSServer]:
-    """A running `FakeDNSServer` on 127.0.0.1 (UDP+TCP, ephemeral port)."""
-    with FakeDNSServer() as server:
+def dns_server() -> Iterator[LocalDNSServer]:
+    """A running `LocalDNSServer` on 127.0.0.1 (UDP+TCP, ephemeral port)."""
+    with LocalDNSServer() as server:
         yield server
 
 
