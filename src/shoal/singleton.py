@@ -251,18 +251,19 @@ class Singletons:
             self._settled = True
         return all(peer in self._peers for peer in self.node.nodes())
 
-    def _has_majority(self, fresh_only: bool) -> bool:
+    def _has_majority(self) -> bool:
+        """A strict majority of the expected cluster heard from recently, this node included.
+
+        "Recently" is stricter than the failure detector (one heartbeat less), so a
+        cut-off holder stops before the other side can declare it down and take over.
+        """
         expected = self.settings.expected_nodes or self._max_seen
         mesh = self.node.mesh
         if mesh is None:
             return False
-        if fresh_only:
-            # Stricter than the failure detector, so a cut-off holder stops first.
-            window = self.settings.failure_timeout - self.settings.heartbeat_interval
-            now = time.monotonic()
-            peers = sum(1 for c in mesh.connections.values() if now - c.last_received < window)
-        else:
-            peers = len(mesh.connections)
+        window = self.settings.failure_timeout - self.settings.heartbeat_interval
+        now = time.monotonic()
+        peers = sum(1 for c in mesh.connections.values() if now - c.last_received < window)
         return (peers + 1) * 2 > expected
 
     def _quorum_delay(self) -> float:
@@ -291,7 +292,7 @@ class Singletons:
         holders = self._holders_of(item.name, item)
         me = self.node.name
         if item.holding:
-            if item.mode == "quorum" and not self._has_majority(fresh_only=True):
+            if item.mode == "quorum" and not self._has_majority():
                 self._spawn_release(item, "lost the majority")
             elif item.mode != "lease" and holders and holders[0][1] != me:
                 self._spawn_release(item, f"{holders[0][1]} holds an older claim")
@@ -306,7 +307,9 @@ class Singletons:
         if min(candidates) != me:
             return
         if item.mode == "quorum":
-            if not self._has_majority(fresh_only=False):
+            # Fresh peers only, as for keeping it: a holder that just stepped down
+            # for lack of a fresh majority must not claim again on stale connections.
+            if not self._has_majority():
                 return
             if time.monotonic() - item.holder_lost_at < self._quorum_delay():
                 return
@@ -334,7 +337,7 @@ class Singletons:
         if item.mode == "lease":
             return time.monotonic() < item.lease_valid_until
         if item.mode == "quorum":
-            return self._has_majority(fresh_only=True)
+            return self._has_majority()
         return True
 
     async def _run(self, item: _Singleton, ctx: SingletonContext) -> None:

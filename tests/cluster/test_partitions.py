@@ -120,8 +120,10 @@ def test_quorum_mode_cut_off_holder_stops_before_the_majority_starts(tmp_path: P
         per_tick = runs_per_tick(nodes, cut_at - 2, now_second() - 1)
         assert all(len(r) <= 1 for r in per_tick.values()), per_tick
         assert took_over <= 5.5, took_over  # failure timeout 3 s + quorum drain bound + margin
-        # The cut-off node alone has no majority: it does not run the job.
+        # The cut-off node alone has no majority: it does not run the job, and it
+        # never claimed it again after stepping down.
         assert netns_holder(cut) is None
+        assert not [t for t in job_log.tokens([cut.output()]) if t[0] > cut_at], cut.output()
 
 
 pg_reason = unavailable_reason()
