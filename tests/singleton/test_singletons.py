@@ -206,3 +206,33 @@ async def test_a_singleton_that_raises_is_logged_and_started_again(
     assert starts[1] - starts[0] >= 0.9  # a pause, not a crash loop
     assert "singleton flaky failed" in caplog.text and "RuntimeError: boom" in caplog.text
     assert node.singletons.holders()["flaky"] == node.name
+
+
+async def test_quorum_holder_that_hears_nobody_steps_down_once_and_stays_down(
+    stopper: list[Node],
+) -> None:
+    """The holder stops hearing its peers (its reading is paused: a one-way cut). It must
+    step down before its failure detector drops them, and not claim again meanwhile."""
+    rec = Recorder()
+    peers = [Peer("hi", h, 4371) for h in ("127.0.78.2", "127.0.78.3", "127.0.78.4")]
+    timing = {"heartbeat_interval": 0.1, "failure_timeout": 1.0, "expected_nodes": 3}
+    made = [make_node(p.host, peers, **timing) for p in peers]
+    nodes = [node for node, _ in made]
+    for node in nodes:
+        node.add_singleton("s", rec.func(node.name), mode="quorum")
+        stopper.append(node)
+    for node in nodes:
+        await node.start()
+    await async_wait_until(lambda: len(rec.running) == 1, 3.0)
+    for _, gate in made:
+        gate.peers = []  # no redial after the cut: the connections stay down
+    (holder_name,) = rec.running
+    holder = next(n for n in nodes if n.name == holder_name)
+    assert holder.mesh is not None
+    for conn in holder.mesh.connections.values():
+        assert conn.transport is not None
+        conn.transport.pause_reading()
+    await async_wait_until(lambda: holder_name not in rec.running, 2.0)
+    await async_wait_until(lambda: holder.nodes() == [], 2.0)  # its detector drops them
+    await asyncio.sleep(0.3)  # a few of the 0.1 s re-checks: it must stay down
+    assert [name for name, _ in rec.starts].count(holder_name) == 1, rec.starts
