@@ -132,23 +132,13 @@ class ClusterJobs:
         self._broadcast(job.name, state)
 
     def _broadcast(self, name: str, state: JobState) -> None:
-        mesh = self.node.mesh
-        if mesh is None:
-            return
-        from shoal import wire
-
-        mesh.broadcast([wire.SEND, STATE_HANDLER, {name: state.to_wire()}])
+        self.node.messaging.send_to_peers(STATE_HANDLER, {name: state.to_wire()})
 
     def _send_states(self, peer: str) -> None:
         """A node that just joined learns every job's state (it may lead next)."""
-        mesh = self.node.mesh
-        if mesh is None or peer not in mesh.connections:
-            return
-        from shoal import wire
-
         payload = {name: state.to_wire() for name, state in self.scheduler.states().items()}
         if payload:
-            mesh.connections[peer].send([wire.SEND, STATE_HANDLER, payload])
+            self.node.messaging.send_to_peers(STATE_HANDLER, payload, [peer])
 
     def _on_state(self, payload: Any, sender: str) -> None:
         if not isinstance(payload, dict):

@@ -118,6 +118,21 @@ class Messaging:
         conn.send_encoded(frame)
         await conn.drain()  # returns at once unless the peer is slower than us
 
+    def send_to_peers(self, handler: str, payload: Any, peers: list[str] | None = None) -> None:
+        """Queue `payload` for `handler` on connected `peers` (default: all), not this node.
+
+        For shoal's own small state messages, sent from callbacks that cannot await:
+        no flow control, and peers that are not connected are skipped.
+        """
+        mesh = self.mesh
+        if mesh is None:
+            return
+        conns = mesh.connections
+        targets = conns.values() if peers is None else [conns[p] for p in peers if p in conns]
+        data = wire.encode_frame([wire.SEND, handler, payload])
+        for conn in targets:
+            conn.send_encoded(data)
+
     async def call(self, node: str, handler: str, payload: Any, timeout: float = 5.0) -> Any:
         """Ask `handler` on `node` and return its reply."""
         if node == self.node_name:

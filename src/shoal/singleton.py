@@ -195,13 +195,8 @@ class Singletons:
             "draining": self._stopping,
         }
 
-    def _broadcast(self) -> None:
-        mesh = self.node.mesh
-        if mesh is None:
-            return
-        from shoal import wire
-
-        mesh.broadcast([wire.SEND, STATE_HANDLER, self._local_state()])
+    def _broadcast(self, peers: list[str] | None = None) -> None:
+        self.node.messaging.send_to_peers(STATE_HANDLER, self._local_state(), peers)
 
     def _on_peer_state(self, payload: Any, sender: str) -> None:
         if not isinstance(payload, dict) or sender not in self.node.nodes():
@@ -220,11 +215,7 @@ class Singletons:
     def _on_membership(self, event: MembershipEvent) -> None:
         if event.kind == "up":
             self._max_seen = max(self._max_seen, len(self.node.nodes()) + 1)
-            mesh = self.node.mesh
-            if mesh is not None and event.node in mesh.connections:
-                from shoal import wire
-
-                mesh.connections[event.node].send([wire.SEND, STATE_HANDLER, self._local_state()])
+            self._broadcast([event.node])
             return
         state = self._peers.pop(event.node, None)
         if state is not None:
