@@ -10,6 +10,11 @@
   membership, so connected nodes with the same view agree without talking.
 - In `lease` mode a tick also needs a row in Postgres stamped with the current
   fencing token, so a holder paused past its lease cannot run a tick twice.
+- In `quorum` mode a tick also needs a confirmation from a majority, asked after
+  the tick became due; acceptors confirm each (job, tick) once (see quorum.py).
+- In `mesh` mode a leader whose event loop stalled (paused, blocked) first
+  waits for a fresh view (`Singletons.revalidate`), then skips a tick that a
+  peer reports as started.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +46,7 @@ class ClusterJobs:
         self.node = node
         self.scheduler = scheduler
         self._lead: SingletonContext | None = None
+        self._peer_ticks: dict[str, datetime] = {}  # job -> newest tick a peer started
         scheduler.dispatcher = self
         scheduler.state_changed = self._state_changed
         node.register(STATE_HANDLER, self._on_state)
@@ -88,9 +95,36 @@ class ClusterJobs:
 
     async def _may_run_cluster_tick(self, job: Job, tick: datetime) -> bool:
         lead = self._lead
-        if lead is None or not lead.is_valid():
+        if lead is not None and lead.mode == "mesh":
+            await self.node.singletons.revalidate()
+            lead = self._lead
+            seen = self._peer_ticks.get(job.name)
+            if seen is not None and seen >= tick:
+                log.warning("job %s tick %s not run: a peer already started it", job.name, tick)
+                return False
+        if lead is None or (lead.mode != "quorum" and not lead.is_valid()):
             log.warning("job %s tick %s not run: this node no longer leads", job.name, tick)
             return False
+        if lead.mode == "quorum":
+            asked = time.monotonic()
+            ok = await self.node.singletons.confirm(LEADER_SINGLETON, job.name, tick.timestamp())
+            took = (time.monotonic() - asked) * 1000
+            if not ok or self._lead is not lead:
+                log.warning(
+                    "job %s tick %s not run: no majority confirmation (%.1f ms)",
+                    job.name,
+                    tick,
+                    took,
+                )
+                return False
+            log.info(
+                "job %s tick %s confirmed for %s (token %d) in %.1f ms",
+                job.name,
+                tick.isoformat(),
+                self.node.name,
+                lead.token,
+                took,
+            )
         lease = self.node.singletons.lease_backend
         if lead.mode == "lease" and lease is not None:
             try:
@@ -151,6 +185,12 @@ class ClusterJobs:
             ):
                 continue
             try:
-                self.scheduler.update_state(name, JobState.from_wire(data))
+                state = JobState.from_wire(data)
             except ValueError as exc:
                 log.warning("ignoring job state for %s from %s: %s", name, sender, exc)
+                continue
+            if state.last_tick is not None:
+                seen = self._peer_ticks.get(name)
+                if seen is None or state.last_tick > seen:
+                    self._peer_ticks[name] = state.last_tick
+            self.scheduler.update_state(name, state)

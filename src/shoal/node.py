@@ -19,6 +19,7 @@ from shoal.config import Peer, Settings, parse_hosts
 from shoal.control import ControlServer
 from shoal.discovery import Strategy, strategy_for
 from shoal.jobs import ClusterJobs
+from shoal.lag import LagMonitor
 from shoal.mesh import MembershipEvent, Mesh, NodeDown
 from shoal.messaging import Handler, Messaging, Subscription
 from shoal.scheduler import Scheduler
@@ -49,6 +50,7 @@ class Node:
         self.draining = False
         self.listening = False
         self.messaging.register("shoal.ping", lambda _payload, _sender: "pong")
+        self.lag = LagMonitor()
         self.singletons = Singletons(self)
         self.scheduler = Scheduler(node=self.name)
         self.jobs = ClusterJobs(self, self.scheduler)
@@ -72,6 +74,7 @@ class Node:
         self.mesh = Mesh(self.settings, self.messaging.on_frame, self._membership_changed)
         self.messaging.mesh = self.mesh
         await self.mesh.start()
+        self.lag.start()
         try:
             strategy = self._strategy or strategy_for(self.settings)
             await self.singletons.start()
@@ -121,6 +124,7 @@ class Node:
             await asyncio.gather(self._discovery_task, return_exceptions=True)
         await self.mesh.stop()
         self.mesh = None
+        await self.lag.stop()
         if self.control is not None:
             await self.control.stop()
             self.control = None

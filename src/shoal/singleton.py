@@ -7,9 +7,12 @@ Modes (README, "Singletons", states the guarantees):
   holders meet (a healed partition) the older claim survives, ties broken by
   node name, so every node reaches the same verdict.
 - `quorum`: runs only where a strict majority of the expected cluster is
-  connected. A holder that loses its majority stops before the majority side
-  may take over: it checks its peers against a stricter deadline than the
-  failure detector's, and the majority side waits a drain bound on top.
+  connected, and only with that majority's explicit consent (`quorum.py`): a
+  claim needs promises from a majority, and acting (a tick, `ctx.is_valid()`)
+  needs a fresh confirmation from a majority. A holder that loses its majority
+  stops before the majority side may take over: it checks its peers against a
+  stricter deadline than the failure detector's, and the majority side waits a
+  drain bound on top.
 - `lease`: an external lease in Postgres with a fencing token (see `lease.py`).
 
 Nodes exchange their singleton state (what they hold, since when, what they
@@ -24,11 +27,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from shoal.mesh import MembershipEvent
+from shoal.quorum import Acceptor, Ballot, majority, parse_ballot
 from shoal.ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -38,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.singleton")
 
 STATE_HANDLER = "shoal.singleton.state"
+PREPARE_HANDLER = "shoal.singleton.prepare"
+CONFIRM_HANDLER = "shoal.singleton.confirm"
 # How often holders re-check quorum freshness and lease deadlines.
 CHECK_INTERVAL = 0.1
 # A singleton task that raised is started again after this pause (no crash loop).
@@ -53,10 +59,26 @@ class SingletonContext:
     token: int
     node: Node
     _valid: Callable[[], bool] = field(repr=False, default=lambda: True)
+    _confirm: Callable[[], Awaitable[bool]] | None = field(repr=False, default=None)
 
     def is_valid(self) -> bool:
-        """False once this node may no longer act as the holder (check before side effects)."""
+        """False once this node may no longer act as the holder (check before side effects).
+
+        Quorum mode: True only within the confirmation window (see the README) of the
+        last majority confirmation, measured on the monotonic clock, which runs on
+        while a process is paused; lease mode: within the lease, less the drain
+        bound; mesh mode: while this node's view says it holds, and not right after
+        an event-loop stall (until the view has been checked again).
+        """
         return self._valid()
+
+    async def confirm(self) -> bool:
+        """Ask now: may this node still act as the holder? Quorum mode asks a majority
+        (one round trip); mesh mode re-checks its view after a stall; lease mode is
+        `is_valid()`. Await it right before a side effect that must not happen twice."""
+        if self._confirm is None:
+            return self.is_valid()
+        return await self._confirm()
 
 
 SingletonFunc = Callable[[SingletonContext], Awaitable[None]]
@@ -92,6 +114,10 @@ class _Singleton:
     lease_task: asyncio.Task[None] | None = None
     retry_at: float = 0.0  # monotonic; after a crash, not before this
     starts: int = 0
+    ballot: Ballot = (0, "")  # quorum mode: the ballot this node holds (or claims) with
+    confirmed_until: float = 0.0  # monotonic; quorum mode: end of the confirmation window
+    claiming: bool = False
+    renewing: bool = False
 
 
 class Singletons:
@@ -106,9 +132,14 @@ class Singletons:
         self._settled = False
         self._stopping = False
         self._checker: asyncio.Task[None] | None = None
+        self._revalidating = False
         self._lease: LeaseBackend | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.window = self.settings.failure_timeout - self.settings.heartbeat_interval
+        self.acceptor = Acceptor(self.window)
         node.register(STATE_HANDLER, self._on_peer_state)
+        node.register(PREPARE_HANDLER, self._on_prepare)
+        node.register(CONFIRM_HANDLER, self._on_confirm)
         node.add_listener(self._on_membership)
 
     # public API --------------------------------------------------------------
@@ -193,6 +224,7 @@ class Singletons:
             "held": {n: i.claimed_at for n, i in self._items.items() if i.holding},
             "registered": sorted(self._items),
             "draining": self._stopping,
+            "ballots": {n: list(b) for n, b in self.acceptor.promised.items()},
         }
 
     def _broadcast(self, peers: list[str] | None = None) -> None:
@@ -205,11 +237,21 @@ class Singletons:
         registered = payload.get("registered")
         if not isinstance(held, dict) or not isinstance(registered, list):
             return
-        self._peers[sender] = _PeerState(
+        state = _PeerState(
             {str(k): float(v) for k, v in held.items() if isinstance(v, int | float)},
             {str(n) for n in registered},
             bool(payload.get("draining")),
         )
+        self._peers[sender] = state
+        ballots = payload.get("ballots")
+        if isinstance(ballots, dict):
+            for name, value in ballots.items():
+                ballot = parse_ballot(value)
+                if isinstance(name, str) and ballot is not None:
+                    self.acceptor.learn(name, ballot)
+        for name in state.registered - set(state.held):
+            # A holder that says it stopped no longer acts on its confirmations.
+            self.acceptor.released(name, sender)
         self._reconcile()
 
     def _on_membership(self, event: MembershipEvent) -> None:
@@ -242,13 +284,16 @@ class Singletons:
             self._settled = True
         return all(peer in self._peers for peer in self.node.nodes())
 
+    def _expected(self) -> int:
+        return self.settings.expected_nodes or self._max_seen
+
     def _has_majority(self) -> bool:
         """A strict majority of the expected cluster heard from recently, this node included.
 
         "Recently" is stricter than the failure detector (one heartbeat less), so a
         cut-off holder stops before the other side can declare it down and take over.
         """
-        expected = self.settings.expected_nodes or self._max_seen
+        expected = self._expected()
         mesh = self.node.mesh
         if mesh is None:
             return False
@@ -285,6 +330,8 @@ class Singletons:
         if item.holding:
             if item.mode == "quorum" and not self._has_majority():
                 self._spawn_release(item, "lost the majority")
+            elif item.mode == "quorum" and time.monotonic() >= item.confirmed_until:
+                self._spawn_release(item, "no majority confirmation in time")
             elif item.mode != "lease" and holders and holders[0][1] != me:
                 self._spawn_release(item, f"{holders[0][1]} holds an older claim")
             return
@@ -304,6 +351,10 @@ class Singletons:
                 return
             if time.monotonic() - item.holder_lost_at < self._quorum_delay():
                 return
+            if not item.claiming:
+                item.claiming = True
+                self._spawn(self._claim_quorum(item))
+            return
         self._claim(item, token=item.token + 1)
 
     def _claim(self, item: _Singleton, token: int) -> None:
@@ -318,7 +369,14 @@ class Singletons:
             item.mode,
             token,
         )
-        ctx = SingletonContext(item.name, item.mode, token, self.node, lambda: self._valid(item))
+        ctx = SingletonContext(
+            item.name,
+            item.mode,
+            token,
+            self.node,
+            lambda: self._valid(item),
+            lambda: self.confirm(item.name),
+        )
         item.task = asyncio.create_task(self._run(item, ctx), name=f"shoal-singleton-{item.name}")
         self._broadcast()
 
@@ -328,8 +386,8 @@ class Singletons:
         if item.mode == "lease":
             return time.monotonic() < item.lease_valid_until
         if item.mode == "quorum":
-            return self._has_majority()
-        return True
+            return time.monotonic() < item.confirmed_until
+        return not self.node.lag.stalled_recently()
 
     async def _run(self, item: _Singleton, ctx: SingletonContext) -> None:
         try:
@@ -342,12 +400,16 @@ class Singletons:
             )
             item.retry_at = time.monotonic() + RESTART_DELAY
             item.holding = False
+            item.confirmed_until = 0.0
             item.task = None
             self._broadcast()
             self._reconcile()
 
     def _spawn_release(self, item: _Singleton, why: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._release(item, why))
+        self._spawn(self._release(item, why))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)  # a task nobody references may be garbage-collected
         task.add_done_callback(self._tasks.discard)
 
@@ -356,6 +418,7 @@ class Singletons:
         if not item.holding:
             return
         item.holding = False
+        item.confirmed_until = 0.0
         task, item.task = item.task, None
         log.info("singleton %s: stopping on %s (%s)", item.name, self.node.name, why)
         if task is not None and not task.done():
@@ -373,7 +436,190 @@ class Singletons:
         """Periodic re-evaluation: quorum freshness and delays depend on time passing."""
         while True:
             await asyncio.sleep(CHECK_INTERVAL)
+            if self.node.lag.stalled_recently() and not self._revalidating:
+                self._revalidating = True
+                self._spawn(self._revalidate_in_background())
             self._reconcile()
+            self._renew_confirmations()
+
+    async def _revalidate_in_background(self) -> None:
+        try:
+            await self.revalidate()
+        finally:
+            self._revalidating = False
+
+    # quorum mode: promises and confirmations (see quorum.py) ------------------
+    async def confirm(self, name: str, job: str | None = None, tick: float | None = None) -> bool:
+        """May this node act as `name`'s holder now (and run `job`'s `tick`, once)?
+
+        Quorum mode asks a majority (one round trip); mesh mode re-checks its view
+        after an event-loop stall; lease mode answers from the lease.
+        """
+        item = self._items.get(name)
+        if item is None or not item.holding:
+            return False
+        if item.mode == "quorum":
+            return await self._confirm_round(item, job, tick)
+        if item.mode == "mesh":
+            await self.revalidate()
+        return self._valid(item)
+
+    async def revalidate(self) -> None:
+        """After an event-loop stall: wait (bounded) until every peer has been heard
+        from since, and their singleton state is in, so decisions use a fresh view."""
+        lag = self.node.lag
+        if not lag.stalled_recently():
+            return
+        since = lag.last_stall_end
+        deadline = since + self.settings.failure_timeout
+        mesh = self.node.mesh
+        while time.monotonic() < deadline and mesh is not None:
+            fresh = all(
+                c.last_received > since + self.settings.heartbeat_interval
+                for c in mesh.connections.values()
+            )
+            if fresh and not mesh.dialing:
+                break
+            await asyncio.sleep(CHECK_INTERVAL / 2)
+        lag.revalidated(since)
+        self._reconcile()
+
+    async def _ask(
+        self, handler: str, payload: dict[str, Any], local: dict[str, Any]
+    ) -> tuple[bool, list[dict[str, Any]]]:
+        """Ask this node's acceptor (`local`, already answered) and every connected peer;
+        True as soon as a majority of the expected cluster said yes."""
+        need = majority(self._expected())
+        replies = [local]
+        yes = 1 if local.get("ok") is True else 0
+        peers = self.node.nodes()
+        if yes >= need or yes + len(peers) < need:
+            return yes >= need, replies
+        timeout = min(1.0, self.window / 2)
+        calls = [
+            asyncio.ensure_future(self.node.call(p, handler, payload, timeout=timeout))
+            for p in peers
+        ]
+        try:
+            for next_reply in asyncio.as_completed(calls):
+                try:
+                    reply = await next_reply
+                except Exception:
+                    continue
+                if isinstance(reply, dict):
+                    replies.append(reply)
+                    yes += reply.get("ok") is True
+                if yes >= need:
+                    return True, replies
+            return False, replies
+        finally:
+            for call in calls:
+                call.cancel()
+
+    def _learn(self, name: str, replies: list[dict[str, Any]]) -> Ballot:
+        """Raise our promise to the highest ballot the replies name; return it."""
+        for reply in replies:
+            ballot = parse_ballot(reply.get("promised"))
+            if ballot is not None:
+                self.acceptor.learn(name, ballot)
+        return self.acceptor.highest(name)
+
+    async def _confirm_round(
+        self, item: _Singleton, job: str | None = None, tick: float | None = None
+    ) -> bool:
+        ballot = item.ballot
+        payload: dict[str, Any] = {"name": item.name, "ballot": list(ballot)}
+        if job is not None and tick is not None:
+            payload.update(job=job, tick=tick)
+        asked = time.monotonic()
+        local = self.acceptor.confirm(item.name, ballot, job, tick)
+        ok, replies = await self._ask(CONFIRM_HANDLER, payload, local)
+        highest = self._learn(item.name, replies)
+        if item.ballot != ballot or not (item.holding or item.claiming):
+            return False
+        if highest > ballot and item.holding:
+            self._spawn_release(item, f"superseded by token {highest[0]} of {highest[1]}")
+            return False
+        if ok:
+            item.confirmed_until = max(item.confirmed_until, asked + self.window)
+        elif job is not None:
+            whys = sorted({str(r.get("why")) for r in replies if r.get("ok") is not True})
+            log.warning(
+                "singleton %s: tick %s of job %s not confirmed by a majority (%s)",
+                item.name,
+                tick,
+                job,
+                "; ".join(whys) or "no answer",
+            )
+        return ok
+
+    def _renew_confirmations(self) -> None:
+        """Quorum holders re-confirm every heartbeat, so `is_valid()` stays true."""
+        now = time.monotonic()
+        for item in self._items.values():
+            if (
+                item.mode == "quorum"
+                and item.holding
+                and not item.renewing
+                and item.confirmed_until - now < self.window - self.settings.heartbeat_interval
+            ):
+                item.renewing = True
+                self._spawn(self._renew(item))
+
+    async def _renew(self, item: _Singleton) -> None:
+        try:
+            await self._confirm_round(item)
+        finally:
+            item.renewing = False
+
+    async def _claim_quorum(self, item: _Singleton) -> None:
+        """Promises from a majority for a new ballot, the old holder's window lapsed,
+        one confirmation: then run. Any failure leaves it to the next reconcile."""
+        try:
+            token = max(item.token, self.acceptor.highest(item.name)[0]) + 1
+            ballot: Ballot = (token, self.node.name)
+            payload = {"name": item.name, "ballot": list(ballot)}
+            ok, replies = await self._ask(
+                PREPARE_HANDLER, payload, self.acceptor.prepare(item.name, ballot)
+            )
+            if self._learn(item.name, replies) > ballot or not ok:
+                log.debug("singleton %s: no majority promised token %d", item.name, token)
+                item.retry_at = time.monotonic() + CHECK_INTERVAL * 3
+                return
+            ages = [r["age"] for r in replies if isinstance(r.get("age"), int | float)]
+            wait = max([self.window - float(age) for age in ages], default=0.0)
+            if wait > 0:
+                log.info(
+                    "singleton %s: waiting %.2f s for the previous holder's window to lapse",
+                    item.name,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+            if self._stopping or item.holding or self.acceptor.highest(item.name) != ballot:
+                return
+            item.ballot = ballot
+            if await self._confirm_round(item) and not self._stopping and not item.holding:
+                self._claim(item, token)
+        finally:
+            item.claiming = False
+
+    def _on_prepare(self, payload: Any, sender: str) -> dict[str, Any]:
+        request = _parse_request(payload, sender)
+        if request is None:
+            return {"ok": False, "why": "malformed request"}
+        return self.acceptor.prepare(request[0], request[1])
+
+    def _on_confirm(self, payload: Any, sender: str) -> dict[str, Any]:
+        request = _parse_request(payload, sender)
+        if request is None:
+            return {"ok": False, "why": "malformed request"}
+        name, ballot = request
+        job, tick = payload.get("job"), payload.get("tick")
+        if job is not None or tick is not None:
+            if not isinstance(job, str) or not isinstance(tick, int | float):
+                return {"ok": False, "why": "malformed request"}
+            return self.acceptor.confirm(name, ballot, job, float(tick))
+        return self.acceptor.confirm(name, ballot)
 
     # lease mode --------------------------------------------------------------
     @property
@@ -420,6 +666,16 @@ class Singletons:
                 if item.holding and time.monotonic() >= item.lease_valid_until:
                     await self._release(item, "lease not renewed in time")
                 await asyncio.sleep(min(CHECK_INTERVAL, max(0.0, deadline - time.monotonic())))
+
+
+def _parse_request(payload: Any, sender: str) -> tuple[str, Ballot] | None:
+    """(name, ballot) of a prepare/confirm request; the ballot must be the sender's own."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+        return None
+    ballot = parse_ballot(payload.get("ballot"))
+    if ballot is None or ballot[1] != sender:
+        return None
+    return payload["name"], ballot
 
 
 def _service_runner(service: Service) -> SingletonFunc:

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ log = logging.getLogger("hi")
 
 EVENTS_TOPIC = "hi.events"
 MAX_WAIT = 60.0
+MAX_BLOCK = 30.0  # seconds; bound of /debug/block (only with HI_DEBUG_FAULTS=1)
 # uvicorn's wait for open connections after the node has already left; short,
 # because a draining node has nothing left that needs it.
 GRACEFUL_HTTP_SHUTDOWN = 1
@@ -108,6 +110,17 @@ def create_app(node: Node) -> FastAPI:
 
     def page(route: str) -> HTMLResponse:
         return HTMLResponse(render_page(cluster_view(node), route))
+
+    if os.environ.get("HI_DEBUG_FAULTS") == "1":
+
+        @app.post("/debug/block")
+        async def block(seconds: float = 1.0) -> JSONResponse:
+            """Fault injection for the nemesis: block this node's event loop (sync sleep)."""
+            if not 0 < seconds <= MAX_BLOCK:
+                return JSONResponse({"detail": f"seconds must be in (0, {MAX_BLOCK:g}]"}, 422)
+            log.warning("blocking the event loop for %.1f s (HI_DEBUG_FAULTS)", seconds)
+            time.sleep(seconds)  # noqa: ASYNC251 (deliberately on the loop: that is the fault)
+            return JSONResponse({"blocked": seconds, "node": node.name})
 
     @app.get("/", response_class=HTMLResponse)
     async def vegeta_page() -> HTMLResponse:

@@ -44,6 +44,11 @@ def add_hi_job(node: Node, env: Mapping[str, str]) -> None:
             node.cookie_fingerprint,
             peers,
         )
+        # For fault-injection checkers (bench/nemesis.py): which tick, under which token.
+        lead = node.singletons.snapshot().get("shoal.scheduler") or {}
+        log.info(
+            "Job tick on: %s tick %s token %s", node.name, ctx.tick.isoformat(), lead.get("token")
+        )
         if work:
             started = time.monotonic()
             await asyncio.sleep(work)

@@ -1,0 +1,122 @@
+"""Majority confirmation for `quorum`-mode singletons: ballots, promises, confirmed ticks.
+
+Every node is an acceptor, in memory, per singleton name (Paxos-style):
+
+- A holder claims with a ballot `(token, node)` higher than any it has seen; it
+  holds only once a majority of the expected cluster *promised* that ballot.
+  An acceptor promises only a ballot at least as high as its last promise, so
+  once a majority promised a new ballot, no older holder can be confirmed.
+- A holder acts (runs a tick, answers `ctx.is_valid()`) only on a *confirmation*
+  from a majority, asked after the need arose; an acceptor confirms only the
+  ballot it promised (or a higher one, which it then promises).
+- A tick is confirmed at most once per job: an acceptor refuses a tick at or
+  before the newest tick it confirmed for that job. Two majorities share an
+  acceptor, so two confirmations of one tick (by any holders) cannot both
+  succeed, whatever the timing.
+- A confirmation is good for `window` seconds from when it was *asked*, on the
+  holder's monotonic clock, which runs on while a process is paused. A new
+  holder waits until `window` has passed since its promisers last answered an
+  older ballot, so the old holder's confirmation has lapsed before it starts.
+- Acceptors keep no disk state. A restarted node answers nothing for `window`
+  seconds (confirmations from before its restart have lapsed by then) and
+  refuses ticks due before it started, which it cannot know about.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Ballot = tuple[int, str]
+NO_BALLOT: Ballot = (0, "")
+# Clock difference between nodes that a tick's due time may carry (seconds).
+TICK_SKEW = 1.0
+
+
+def majority(expected: int) -> int:
+    """How many nodes (the holder included) make a strict majority of `expected`."""
+    return expected // 2 + 1
+
+
+def parse_ballot(value: Any) -> Ballot | None:
+    """A ballot from the wire (`[token, node]`), or None when malformed."""
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and isinstance(value[0], int)
+        and not isinstance(value[0], bool)
+        and isinstance(value[1], str)
+        and 0 <= value[0] < 2**62
+    ):
+        return (value[0], value[1])
+    return None
+
+
+@dataclass
+class Acceptor:
+    """One node's promises and confirmed ticks, per singleton name."""
+
+    window: float
+    clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+    started: float = field(init=False)
+    started_wall: float = field(init=False)
+    promised: dict[str, Ballot] = field(default_factory=dict)
+    ticks: dict[tuple[str, str], float] = field(default_factory=dict)  # (name, job) -> tick
+    last_ack: dict[str, float] = field(default_factory=dict)  # name -> monotonic time
+
+    def __post_init__(self) -> None:
+        self.started = self.clock()
+        self.started_wall = self.wall()
+
+    def _fenced(self) -> bool:
+        return self.clock() - self.started < self.window
+
+    def prepare(self, name: str, ballot: Ballot) -> dict[str, Any]:
+        """Promise `ballot` if no higher one was promised; say how long ago we last said yes."""
+        current = self.promised.get(name, NO_BALLOT)
+        if self._fenced():
+            return {"ok": False, "promised": list(current), "why": "acceptor just started"}
+        if ballot < current:
+            return {"ok": False, "promised": list(current), "why": "promised a higher ballot"}
+        last = self.last_ack.get(name)
+        age = None if last is None or ballot == current else self.clock() - last
+        self.promised[name] = ballot
+        self.last_ack[name] = self.clock()
+        return {"ok": True, "promised": list(ballot), "age": age}
+
+    def confirm(
+        self, name: str, ballot: Ballot, job: str | None = None, tick: float | None = None
+    ) -> dict[str, Any]:
+        """Confirm `ballot` (and record `job`'s `tick`, once) unless a higher one was promised."""
+        current = self.promised.get(name, NO_BALLOT)
+        if self._fenced():
+            return {"ok": False, "promised": list(current), "why": "acceptor just started"}
+        if ballot < current:
+            return {"ok": False, "promised": list(current), "why": "promised a higher ballot"}
+        if ballot > current:
+            # Never promised here (we were away): accepting it is a promise too.
+            self.promised[name] = ballot
+        if job is not None and tick is not None:
+            if tick < self.started_wall + TICK_SKEW:
+                return {"ok": False, "promised": list(ballot), "why": "tick before acceptor start"}
+            if tick <= self.ticks.get((name, job), float("-inf")):
+                return {"ok": False, "promised": list(ballot), "why": "tick already confirmed"}
+            self.ticks[(name, job)] = tick
+        self.last_ack[name] = self.clock()
+        return {"ok": True, "promised": list(ballot)}
+
+    def learn(self, name: str, ballot: Ballot) -> None:
+        """A peer promised `ballot`: never promise below it (covers a restart's lost memory)."""
+        if ballot > self.promised.get(name, NO_BALLOT):
+            self.promised[name] = ballot
+
+    def released(self, name: str, holder: str) -> None:
+        """`holder` says it no longer holds `name`: its past confirmations need no waiting out."""
+        if self.promised.get(name, NO_BALLOT)[1] == holder:
+            self.last_ack.pop(name, None)
+
+    def highest(self, name: str) -> Ballot:
+        return self.promised.get(name, NO_BALLOT)
