@@ -6,7 +6,7 @@ Runs `--nodes` (5) `hi` nodes, each in its own network namespace on a bridge
 (`tests/support/netns.py`, needs root), with the job every second, in the
 singleton mode `--mode` (quorum: SHOAL_EXPECTED_NODES = nodes; lease: a
 Postgres in a sixth namespace that no fault touches; mesh). One fault at a
-time, chosen at random, every 1-4 s:
+time, every 1-4 s, each kind once per round in a random order:
 
 - `kill`: SIGKILL a node (the scheduler holder half the time), restart it;
 - `term`: SIGTERM a node, wait for its exit, restart it;
@@ -344,9 +344,12 @@ def run(args: argparse.Namespace, log_root: Path) -> Report:
         first = time.time() + 1
         ends = time.monotonic() + args.minutes * 60
         try:
+            kinds: list[str] = []
             while time.monotonic() < ends and len(nemesis.faults) < MAX_FAULTS:
                 time.sleep(rng.uniform(1, 4))
-                kind = rng.choice(KINDS)
+                if not kinds:  # every kind once per round, in a random order
+                    kinds = rng.sample(KINDS, len(KINDS))
+                kind = kinds.pop()
                 fault = nemesis.inject(kind)
                 print(
                     f"{time.strftime('%H:%M:%S')} {fault.kind} {fault.target} {fault.detail}",

@@ -133,6 +133,7 @@ class Singletons:
         self._stopping = False
         self._checker: asyncio.Task[None] | None = None
         self._revalidating = False
+        self._lost_at: dict[str, float] = {}  # peer -> monotonic time it went down
         self._lease: LeaseBackend | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.window = self.settings.failure_timeout - self.settings.heartbeat_interval
@@ -259,6 +260,7 @@ class Singletons:
             self._max_seen = max(self._max_seen, len(self.node.nodes()) + 1)
             self._broadcast([event.node])
             return
+        self._lost_at[event.node] = time.monotonic()
         state = self._peers.pop(event.node, None)
         if state is not None:
             for name in state.held:
@@ -465,20 +467,23 @@ class Singletons:
         return self._valid(item)
 
     async def revalidate(self) -> None:
-        """After an event-loop stall: wait (bounded) until every peer has been heard
-        from since, and their singleton state is in, so decisions use a fresh view."""
+        """After an event-loop stall: wait (bounded by the failure timeout) until the
+        peers lost since the stall began are back, and every peer has been heard from
+        since, so decisions use a fresh view (their singleton and job states)."""
         lag = self.node.lag
         if not lag.stalled_recently():
             return
         since = lag.last_stall_end
+        began = since - lag.last_stall
         deadline = since + self.settings.failure_timeout
         mesh = self.node.mesh
         while time.monotonic() < deadline and mesh is not None:
+            conns = mesh.connections
+            lost = [p for p, at in self._lost_at.items() if at >= began and p not in conns]
             fresh = all(
-                c.last_received > since + self.settings.heartbeat_interval
-                for c in mesh.connections.values()
+                c.last_received > since + self.settings.heartbeat_interval for c in conns.values()
             )
-            if fresh and not mesh.dialing:
+            if fresh and not lost and all(p in self._peers for p in conns):
                 break
             await asyncio.sleep(CHECK_INTERVAL / 2)
         lag.revalidated(since)
