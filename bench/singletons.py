@@ -4,7 +4,9 @@
 
 Prints: failover after SIGKILL of the holder (mesh mode), takeover after a
 silent partition (quorum mode, default timings, network namespaces, needs
-root), graceful handover gap on SIGTERM, and tick lateness p50/p99. Times
+root), graceful handover gap on SIGTERM, tick lateness p50/p99 (mesh mode,
+and quorum mode with its per-tick majority confirmation, whose own latency is
+printed too), and failover after SIGKILL in quorum mode. Times
 come from the nodes' own millisecond log stamps and this process's clock,
 which is the same clock.
 """
@@ -71,23 +73,36 @@ def holder_of(nodes: list[HiNode]) -> HiNode:
     return next(n for n in nodes if n.name == name)
 
 
-def lateness(ticks: int) -> tuple[float, float, int]:
+QUORUM = {"SHOAL_SINGLETON_MODE": "quorum", "SHOAL_EXPECTED_NODES": "3"}
+CONFIRMED = re.compile(
+    r"shoal\.jobs: job \S+ tick \S+ confirmed for \S+ \(token \d+\) in ([\d.]+) ms"
+)
+
+
+def lateness(
+    ticks: int, subnet: str = "127.0.60", **extra: str
+) -> tuple[float, float, int, list[float]]:
+    """Tick lateness p50, p99 (ms), ticks counted, and the quorum confirmation times (ms)."""
     with Procs() as procs:
-        nodes = start(procs, [f"127.0.60.{i}" for i in range(2, 5)])
+        nodes = start(procs, [f"{subnet}.{i}" for i in range(2, 5)], **extra)
         first = seconds_of_day() + 1
         wait_until(lambda: seconds_of_day() > first + ticks + 0.5, ticks + 10, interval=0.2)
-        runs = [r for r in job_log.runs([n.proc.output() for n in nodes]) if r.started >= first]
+        outputs = [n.proc.output() for n in nodes]
+        runs = [r for r in job_log.runs(outputs) if r.started >= first]
         late = [(r.started - r.tick) * 1000 for r in runs[:ticks]]
-        return statistics.median(late), percentile(late, 0.99), len(late)
+        confirms = [float(m[1]) for text in outputs for m in CONFIRMED.finditer(text)]
+        return statistics.median(late), percentile(late, 0.99), len(late), confirms
 
 
-def takeover_times(subnet: str, rounds: int, stop: Callable[[HiNode], float]) -> list[float]:
+def takeover_times(
+    subnet: str, rounds: int, stop: Callable[[HiNode], float], **extra: str
+) -> list[float]:
     """ms from the moment `stop(holder)` returns (its own reference time) to the takeover."""
     results = []
     for round_ in range(rounds):
         with Procs() as procs:
             hosts = [f"{subnet}.{i}" for i in range(2 + 3 * round_, 5 + 3 * round_)]
-            nodes = start(procs, hosts)
+            nodes = start(procs, hosts, **extra)
             holder = holder_of(nodes)
             since = stop(holder)
             others = [n for n in nodes if n is not holder]
@@ -154,8 +169,10 @@ def main() -> None:
 
     kill = takeover_times("127.0.61", args.rounds, sigkill)
     gap = takeover_times("127.0.62", args.rounds, sigterm)
+    quorum_kill = takeover_times("127.0.63", args.rounds, sigkill, **QUORUM)
     partition = quorum_partition_takeover()
-    p50, p99, counted = lateness(args.ticks)
+    p50, p99, counted, _ = lateness(args.ticks)
+    q50, q99, q_counted, confirms = lateness(args.ticks, "127.0.64", **QUORUM)
 
     def row(what: str, value: str, target: str) -> None:
         print(f"{what:<48} {value:>22}   {target}")
@@ -180,6 +197,22 @@ def main() -> None:
     row(
         f"tick lateness over {counted} ticks", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms", "p99 <= 10 ms"
     )
+    row(
+        f"failover after SIGKILL, quorum mode ({args.rounds} runs)",
+        f"median {statistics.median(quorum_kill):.0f} ms, max {max(quorum_kill):.0f} ms",
+        "(confirmation window)",
+    )
+    row(
+        f"tick lateness, quorum mode, {q_counted} ticks",
+        f"p50 {q50:.1f} ms, p99 {q99:.1f} ms",
+        "(includes the confirmation)",
+    )
+    if confirms:
+        row(
+            f"per-tick majority confirmation ({len(confirms)} ticks)",
+            f"p50 {statistics.median(confirms):.1f} ms, p99 {percentile(confirms, 0.99):.1f} ms",
+            "4 messages per tick (3 nodes)",
+        )
 
 
 if __name__ == "__main__":

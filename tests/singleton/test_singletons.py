@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable
 
 import pytest
@@ -236,3 +237,41 @@ async def test_quorum_holder_that_hears_nobody_steps_down_once_and_stays_down(
     await async_wait_until(lambda: holder.nodes() == [], 2.0)  # its detector drops them
     await asyncio.sleep(0.3)  # a few of the 0.1 s re-checks: it must stay down
     assert [name for name, _ in rec.starts].count(holder_name) == 1, rec.starts
+
+
+async def test_quorum_is_valid_lapses_during_a_stall_and_confirm_asks_again(
+    stopper: list[Node],
+) -> None:
+    """After the loop was blocked longer than the confirmation window, `is_valid()` is
+    False at once (no stale view) and a majority must confirm a holder again."""
+    contexts: dict[str, SingletonContext] = {}
+
+    def func(name: str):  # type: ignore[no-untyped-def]
+        async def run(ctx: SingletonContext) -> None:
+            contexts[name] = ctx
+            await asyncio.Event().wait()
+
+        return run
+
+    peers = [Peer("hi", h, 4371) for h in ("127.0.79.2", "127.0.79.3", "127.0.79.4")]
+    timing = {"heartbeat_interval": 0.2, "failure_timeout": 1.0, "expected_nodes": 3}
+    nodes = [make_node(p.host, peers, **timing)[0] for p in peers]
+    for node in nodes:
+        node.add_singleton("s", func(node.name), mode="quorum")
+        stopper.append(node)
+    for node in nodes:
+        await node.start()
+    await async_wait_until(lambda: len(contexts) == 1, 5.0)
+    (ctx,) = contexts.values()
+    await async_wait_until(ctx.is_valid, 1.0)
+    window = nodes[0].singletons.window
+    time.sleep(window + 0.1)  # noqa: ASYNC251 (the fault under test: a blocked loop)
+    assert not ctx.is_valid()
+    # Its peers were not heard within the window either, so it may step down;
+    # either way a majority soon confirms one holder (maybe the same node) again.
+    await ctx.confirm()
+
+    def valid() -> list[str]:
+        return [name for name, c in contexts.items() if c.is_valid()]
+
+    await async_wait_until(lambda: len(valid()) == 1, 8.0)
