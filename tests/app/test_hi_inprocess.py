@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import httpx
+import pytest
 from hi.app import create_app
 from hi.pages import render_page
 
@@ -51,3 +53,20 @@ def test_page_escapes_everything_it_shows() -> None:
     )
     assert evil not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+async def test_the_loop_blocking_endpoint_exists_only_with_hi_debug_faults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    node = Node(Settings(cookie="inprocess", host="127.0.10.51", port=4370, topology="static"))
+    monkeypatch.delenv("HI_DEBUG_FAULTS", raising=False)
+    plain = httpx.ASGITransport(app=create_app(node))
+    async with httpx.AsyncClient(transport=plain, base_url="http://hi") as client:
+        assert (await client.post("/debug/block?seconds=0.01")).status_code in (404, 405)
+    monkeypatch.setenv("HI_DEBUG_FAULTS", "1")
+    debug = httpx.ASGITransport(app=create_app(node))
+    async with httpx.AsyncClient(transport=debug, base_url="http://hi") as client:
+        started = time.monotonic()
+        reply = await client.post("/debug/block?seconds=0.2")
+        assert reply.status_code == 200 and time.monotonic() - started >= 0.2
+        assert (await client.post("/debug/block?seconds=31")).status_code == 422
