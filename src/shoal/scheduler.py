@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeVar, get_args
 from zoneinfo import ZoneInfo
 
-from shoal.cron import CronSchedule, resolve_zone
+from shoal.cron import CronSchedule, DayMatch, resolve_zone
 
 __all__ = [
     "Dispatcher",
@@ -338,6 +338,7 @@ class Scheduler:
         misfire: Misfire = "skip",
         run_strategy: RunStrategy = "cluster",
         active: bool = True,
+        day_match: DayMatch | None = None,
     ) -> Callable[[F], F]:
         """Decorator form of :meth:`add_job`; returns the function unchanged."""
 
@@ -352,6 +353,7 @@ class Scheduler:
                 misfire=misfire,
                 run_strategy=run_strategy,
                 active=active,
+                day_match=day_match,
             )
             return fn
 
@@ -369,9 +371,11 @@ class Scheduler:
         misfire: Misfire = "skip",
         run_strategy: RunStrategy = "cluster",
         active: bool = True,
+        day_match: DayMatch | None = None,
     ) -> Job:
         """Define a job; it starts ticking at once if the scheduler runs (and, for cluster jobs,
-        leads). Raises CronError for a bad schedule or zone, InvalidJob or JobExists."""
+        leads). ``day_match="and"``: Quantum's day rule (see shoal.cron). Raises CronError for
+        a bad schedule or zone, InvalidJob or JobExists."""
         if not callable(fn):
             raise InvalidJob(f"job function must be callable, got {fn!r}")
         job_name = name if name is not None else getattr(fn, "__name__", None)
@@ -391,11 +395,15 @@ class Scheduler:
         if timeout is not None and not timeout > 0:
             raise InvalidJob(f"job {job_name!r}: timeout must be > 0 seconds, got {timeout!r}")
         if isinstance(schedule, CronSchedule):
-            if tz is not None:
-                raise InvalidJob(f"job {job_name!r}: pass tz to CronSchedule.parse, not both")
+            if tz is not None or day_match is not None:
+                raise InvalidJob(
+                    f"job {job_name!r}: pass tz and day_match to CronSchedule.parse, not both"
+                )
             parsed = schedule
         else:
-            parsed = CronSchedule.parse(schedule, tz if tz is not None else self.tz)
+            parsed = CronSchedule.parse(
+                schedule, tz if tz is not None else self.tz, day_match=day_match or "crontab"
+            )
         job = Job(
             name=job_name,
             schedule=parsed,
