@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeVar, get_args
 from zoneinfo import ZoneInfo
 
+from shoal import logs
 from shoal.cron import CronSchedule, DayMatch, resolve_zone
 
 __all__ = [
@@ -258,6 +259,11 @@ StartHook = Callable[[Job, datetime], None]
 StopHook = Callable[[Job, RunResult], None]
 ExceptionHook = Callable[[Job, datetime, BaseException], None]
 StateCallback = Callable[[Job, JobState], Awaitable[None] | None]
+#: (job, first, last, outcome): the ticks first..last were due while nothing ran them;
+#: outcome "on_time" (last runs now, in grace), "run_once" (last runs late), "skip" (none runs)
+MissedHook = Callable[[Job, datetime, datetime, str], None]
+#: (job, tick, reason): a due tick that is not run ("overlap")
+SkippedHook = Callable[[Job, datetime, str], None]
 
 
 # -- the engine -----------------------------------------------------------------------------
@@ -292,6 +298,8 @@ class Scheduler:
         self.on_job_start = on_job_start
         self.on_job_stop = on_job_stop
         self.on_job_exception = on_job_exception
+        self.on_tick_missed: MissedHook | None = None  # for shoal.metrics
+        self.on_tick_skipped: SkippedHook | None = None
         if misfire_grace < 0:
             raise ValueError(f"misfire_grace must be >= 0 seconds, got {misfire_grace!r}")
         self.misfire_grace = misfire_grace
@@ -714,6 +722,7 @@ class Scheduler:
                 continue
             latest = schedule.latest_in(cursor, now) or due
             if latest.timestamp() > now.timestamp() - self.misfire_grace:
+                self._call_hook(self.on_tick_missed, job, due, latest, "on_time")
                 log.warning(
                     "job %r: missed ticks from %s to before %s skipped",
                     job.name,
@@ -722,6 +731,7 @@ class Scheduler:
                 )
                 self._launch(job, latest)
             elif job.misfire == "run_once":
+                self._call_hook(self.on_tick_missed, job, due, latest, "run_once")
                 log.warning(
                     "job %r: missed ticks %s..%s; running once to catch up",
                     job.name,
@@ -730,6 +740,7 @@ class Scheduler:
                 )
                 self._launch(job, latest)
             else:
+                self._call_hook(self.on_tick_missed, job, due, latest, "skip")
                 log.warning(
                     "job %r: missed ticks %s..%s skipped (misfire=skip)",
                     job.name,
@@ -761,6 +772,8 @@ class Scheduler:
             )
             return None
         if not job.overlap and self._busy(job):
+            if not manual:
+                self._call_hook(self.on_tick_skipped, job, tick, "overlap")
             log.warning(
                 "job %r: tick %s skipped, previous run still running (overlap=False)",
                 job.name,
@@ -782,6 +795,7 @@ class Scheduler:
 
     async def _fire(self, job: Job, tick: datetime) -> RunResult | None:
         """Report the start, dispatch, record the outcome, report it."""
+        logs.bind(job=job.name, tick=tick.isoformat())  # this run's task only
         state = self._states[job.name]
         try:
             await self._emit(job, state)

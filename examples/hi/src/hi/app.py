@@ -22,11 +22,18 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from hi.jobs import add_hi_job
 from hi.pages import render_page
-from shoal import ConfigError, Node
+from shoal import ConfigError, Node, logs
+
+try:
+    import prometheus_client  # noqa: F401  # the optional extra is installed
+
+    from shoal.metrics import NodeMetrics
+except ImportError:  # pragma: no cover - without shoal[metrics]
+    NodeMetrics = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("hi")
 
@@ -99,9 +106,19 @@ def create_app(node: Node) -> FastAPI:
             return JSONResponse({"detail": str(exc)}, 400)
         return JSONResponse({"published": payload}, 202)
 
+    node_metrics = NodeMetrics(node) if NodeMetrics is not None else None
+
+    async def metrics() -> Response:
+        """Prometheus text exposition (needs the shoal[metrics] extra)."""
+        if node_metrics is None:
+            return PlainTextResponse("install shoal[metrics] (prometheus-client)\n", 501)
+        body, content_type = node_metrics.render()
+        return Response(body, media_type=content_type)
+
     # Behind the load balancer, /krillin/* reaches krillin only: its page and
     # API live under that prefix too, so the page's own requests stay on krillin.
     for prefix in ("", "/krillin"):
+        app.add_api_route(f"{prefix}/metrics", metrics, methods=["GET"])
         app.add_api_route(f"{prefix}/cluster", cluster, methods=["GET"])
         app.add_api_route(f"{prefix}/wait/{{key}}", wait, methods=["GET"])
         app.add_api_route(f"{prefix}/event/{{key}}", event, methods=["POST"])
@@ -182,13 +199,15 @@ async def serve(node: Node, port: int) -> int:
     return 0 if server.started else 1
 
 
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def configure_logging(env: dict[str, str] | os._Environ[str]) -> None:
+    """Dated text lines on stderr, or JSON lines with SHOAL_LOG_FORMAT=json."""
+    try:
+        fmt = logs.log_format(env)
+    except ConfigError as exc:
+        logs.configure("text")
+        log.error("configuration error: %s", exc)
+        sys.exit(2)
+    logs.configure(fmt)
 
 
 def http_port(env: dict[str, str] | os._Environ[str]) -> int:
@@ -204,13 +223,13 @@ def http_port(env: dict[str, str] | os._Environ[str]) -> int:
 
 def main() -> None:
     """Entry point of `.venv/bin/hi`: exit 2 on bad configuration, 1 on other failures."""
-    configure_logging()
+    configure_logging(os.environ)
     try:
         node = Node.from_env()
         port = http_port(os.environ)
         add_hi_job(node, os.environ)
     except ConfigError as exc:
-        print(f"hi: configuration error: {exc}", file=sys.stderr)
+        log.error("configuration error: %s", exc)
         sys.exit(2)
     sys.exit(asyncio.run(serve(node, port)))
 
