@@ -40,7 +40,7 @@ __all__ = [
 
 LogFormat = Literal["text", "json"]
 #: The structured fields, in the order JSON lines show them.
-FIELDS = ("node", "peer", "singleton", "token", "job", "tick")
+FIELDS = ("node", "peer", "singleton", "token", "job", "tick", "attempt")
 
 _fields: ContextVar[Mapping[str, Any]] = ContextVar(
     "shoal_log_fields", default=MappingProxyType({})
