@@ -14,9 +14,9 @@ Saving a state is part of announcing a run, as replication is: if the database c
 take it, the run does not happen (a tick that might be forgotten is not run). Run history
 is written in the background and never holds a run up.
 
-Status: the store, loading, saving and history are here and tested against a real
-Postgres; wiring it into ``Node``/``hi`` (one setting), run-time job definitions and the
-history's API/CLI/dashboard views are not built yet (issue 10).
+Status: the store, loading, saving and history are here, tested against a real Postgres;
+``hi`` wires it with ``SHOAL_JOB_STORE_DSN``. A ``Node`` setting, run-time job definitions
+and the history's API/CLI/dashboard views are not built yet (issue 10).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from hi.jobs import add_hi_job
 from hi.pages import render_page
 from shoal import ConfigError, Node, logs
+from shoal.jobstore import DurableJobs, PostgresJobStore
 
 try:
     import prometheus_client  # noqa: F401  # the optional extra is installed
@@ -172,8 +173,34 @@ class HiServer(uvicorn.Server):
             self.should_exit = True
 
 
-async def serve(node: Node, port: int) -> int:
-    """Run the node and its HTTP server until a signal; the exit code."""
+async def serve(node: Node, port: int, job_store_dsn: str | None = None) -> int:
+    """Run the node and its HTTP server until a signal; the exit code.
+
+    With ``job_store_dsn`` (SHOAL_JOB_STORE_DSN) the jobs' states are loaded from and
+    saved to Postgres, so a restart of the whole cluster keeps the last tick; a node
+    that cannot load them does not start (it could repeat a tick).
+    """
+    store: PostgresJobStore | None = None
+    durable: DurableJobs | None = None
+    if job_store_dsn:
+        store = PostgresJobStore(job_store_dsn)
+        durable = DurableJobs(node.scheduler, store)
+        try:
+            loaded = await durable.load()
+        except Exception as exc:
+            log.error("job store: cannot load the jobs' states: %s", exc)
+            await store.close()
+            return 1
+        log.info("job store: %d job states loaded", loaded)
+    try:
+        return await _serve(node, port)
+    finally:
+        if durable is not None and store is not None:
+            await durable.flush()
+            await store.close()
+
+
+async def _serve(node: Node, port: int) -> int:
     try:
         await node.start()
     except OSError as exc:
@@ -231,7 +258,7 @@ def main() -> None:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         sys.exit(2)
-    sys.exit(asyncio.run(serve(node, port)))
+    sys.exit(asyncio.run(serve(node, port, os.environ.get("SHOAL_JOB_STORE_DSN") or None)))
 
 
 if __name__ == "__main__":
