@@ -32,7 +32,7 @@ from tests.support.netns import Network, netns_unavailable_reason
 from tests.support.procs import Procs, wait_until
 
 SCHEDULER = "shoal.scheduler"
-STOPPING = re.compile(r"^(\d\d:\d\d:\d\d\.\d{3}) .*singleton shoal\.scheduler: stopping on (\S+)")
+STOPPING = re.compile(rf"^{job_log.STAMP} .*singleton shoal\.scheduler: stopping on (\S+)")
 
 
 def seconds_of_day(at: float | None = None) -> float:
@@ -128,7 +128,7 @@ def sigterm(holder: HiNode) -> float:
     holder.proc.signal(signal.SIGTERM)
     holder.proc.wait(15)
     stopped = [m for line in holder.proc.output().splitlines() if (m := STOPPING.match(line))]
-    return job_log.parse_stamp(stopped[-1].group(1))
+    return job_log.parse_stamp(stopped[-1]["time"])
 
 
 def quorum_partition_takeover() -> float | None:

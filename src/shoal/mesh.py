@@ -24,6 +24,7 @@ from typing import Any
 
 from shoal import wire
 from shoal.config import Peer, Settings
+from shoal.metrics import MeshStats
 
 log = logging.getLogger("shoal.mesh")
 
@@ -119,6 +120,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
+        self.mesh.stats.bytes_received += len(data)
         if not self.established:
             self.decoder.append(data)
             if self.decoder.pending > HANDSHAKE_BUFFER and self.transport is not None:
@@ -139,6 +141,7 @@ class Connection(asyncio.Protocol):
             self._write_out()
 
     def _dispatch(self, frames: list[Any]) -> None:
+        self.mesh.stats.frames_received += len(frames)
         dispatch = self.mesh.dispatch
         for frame in frames:
             try:
@@ -167,6 +170,9 @@ class Connection(asyncio.Protocol):
         self.send_encoded(wire.encode_frame(frame))
 
     def send_encoded(self, data: bytes) -> None:
+        stats = self.mesh.stats
+        stats.frames_sent += 1
+        stats.bytes_sent += len(data)
         if not self._flush_scheduled:
             # The first frame of this loop iteration goes out at once (a lone
             # call or reply waits for nothing); the ones that follow it in the
@@ -284,6 +290,7 @@ class Mesh:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._server_ssl, self._client_ssl = _tls_contexts(settings)
+        self.stats = MeshStats()  # read by shoal.metrics at scrape time
 
     # lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -396,8 +403,10 @@ class Mesh:
             if isinstance(exc, wire.HandshakeError) and "duplicate" in str(exc):
                 log.debug("dial to %s superseded by its own dial", peer.name)
             elif isinstance(exc, wire.HandshakeError):
-                log.warning("handshake with %s failed: %s", where, exc)
+                self.stats.handshake_failed(str(exc))
+                log.warning("handshake with %s failed: %s", where, exc, extra={"peer": peer.name})
             elif isinstance(exc, ssl.SSLError):
+                self.stats.handshake_failed("tls")
                 log.warning("TLS handshake with %s failed: %s", where, exc)
             else:
                 log.debug("cannot reach %s: %r", where, exc)
@@ -447,6 +456,7 @@ class Mesh:
             or self._handshaking[host] >= MAX_PENDING_HANDSHAKES_PER_HOST
         ):
             self._refused += 1
+            self.stats.handshake_failed("too many handshakes")
             now = time.monotonic()
             if now - self._refused_logged >= 1.0:  # a flood must not flood the log too
                 self._refused_logged = now
@@ -564,7 +574,9 @@ class Mesh:
         if old is not None:
             old.close()
             self._on_event(MembershipEvent("down", name, "replaced"))
-        log.info("node up: %s (%s)", name, "dialed" if conn.dialed else "accepted")
+        log.info(
+            "node up: %s (%s)", name, "dialed" if conn.dialed else "accepted", extra={"peer": name}
+        )
         self._on_event(MembershipEvent("up", name))
         # Tell everybody about the new member so the mesh completes transitively,
         # then handle what the peer sent right behind its last handshake frame.
@@ -577,7 +589,7 @@ class Mesh:
             return
         del self.connections[name]
         reason = "leaving" if conn.leaving else "closed"
-        log.info("node down: %s (%s)", name, reason)
+        log.info("node down: %s (%s)", name, reason, extra={"peer": name})
         self._on_event(MembershipEvent("down", name, reason))
 
     def _announce_members(self) -> None:
@@ -628,7 +640,9 @@ class Mesh:
             who = f"unauthenticated peer (claiming to be {conn.claimed_name})"
         else:
             who = "unauthenticated peer"
-        log.warning("dropping %s at %s: %s", who, conn.address, why)
+        if not conn.established:
+            self.stats.handshake_failed(why)
+        log.warning("dropping %s at %s: %s", who, conn.address, why, extra={"peer": conn.peer_name})
 
     # failure detection -----------------------------------------------------
     async def _tick(self) -> None:
@@ -641,7 +655,10 @@ class Mesh:
             for conn in list(self.connections.values()):
                 if now - conn.last_received > timeout:
                     log.warning(
-                        "node %s silent for %.1f s: down", conn.peer_name, now - conn.last_received
+                        "node %s silent for %.1f s: down",
+                        conn.peer_name,
+                        now - conn.last_received,
+                        extra={"peer": conn.peer_name},
                     )
                     conn.abort()
                     self.connection_closed(conn)

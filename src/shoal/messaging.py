@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -96,6 +97,8 @@ class Messaging:
         self._ids = itertools.count(1)
         self._topics: dict[str, set[Subscription]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Called with each remote call's round trip in seconds (shoal.metrics sets it).
+        self.call_observer: Callable[[float], None] | None = None
 
     # handlers --------------------------------------------------------------
     def register(self, name: str, handler: Handler) -> None:
@@ -142,6 +145,7 @@ class Messaging:
         conn = self._mesh.connection_to(node)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = (future, node)
+        started = time.perf_counter()
         try:
             conn.send_encoded(frame)
             async with asyncio.timeout(timeout):
@@ -150,6 +154,8 @@ class Messaging:
             raise CallTimeout(f"{handler!r} on {node} did not reply within {timeout} s") from None
         finally:
             self._calls.pop(call_id, None)
+            if self.call_observer is not None:
+                self.call_observer(time.perf_counter() - started)
 
     async def publish(self, topic: str, payload: Any) -> None:
         """Deliver `payload` to every subscriber of `topic` on every node, this one included."""

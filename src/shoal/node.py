@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
-from shoal import wire
+from shoal import logs, wire
 from shoal.config import Peer, Settings, parse_hosts
 from shoal.control import ControlServer
 from shoal.discovery import Strategy, strategy_for
@@ -71,6 +71,7 @@ class Node:
     # lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         """Listen on the mesh port and start discovery. Returns once listening."""
+        logs.bind(node=self.name)  # the caller's task and every task started from here on
         self.mesh = Mesh(self.settings, self.messaging.on_frame, self._membership_changed)
         self.messaging.mesh = self.mesh
         await self.mesh.start()

@@ -27,7 +27,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeVar, get_args
 from zoneinfo import ZoneInfo
 
-from shoal.cron import CronSchedule, resolve_zone
+from shoal import logs
+from shoal.cron import CronSchedule, DayMatch, resolve_zone
 
 __all__ = [
     "Dispatcher",
@@ -258,6 +259,11 @@ StartHook = Callable[[Job, datetime], None]
 StopHook = Callable[[Job, RunResult], None]
 ExceptionHook = Callable[[Job, datetime, BaseException], None]
 StateCallback = Callable[[Job, JobState], Awaitable[None] | None]
+#: (job, first, last, outcome): the ticks first..last were due while nothing ran them;
+#: outcome "on_time" (last runs now, in grace), "run_once" (last runs late), "skip" (none runs)
+MissedHook = Callable[[Job, datetime, datetime, str], None]
+#: (job, tick, reason): a due tick that is not run ("overlap")
+SkippedHook = Callable[[Job, datetime, str], None]
 
 
 # -- the engine -----------------------------------------------------------------------------
@@ -292,6 +298,8 @@ class Scheduler:
         self.on_job_start = on_job_start
         self.on_job_stop = on_job_stop
         self.on_job_exception = on_job_exception
+        self.on_tick_missed: MissedHook | None = None  # for shoal.metrics
+        self.on_tick_skipped: SkippedHook | None = None
         if misfire_grace < 0:
             raise ValueError(f"misfire_grace must be >= 0 seconds, got {misfire_grace!r}")
         self.misfire_grace = misfire_grace
@@ -338,6 +346,7 @@ class Scheduler:
         misfire: Misfire = "skip",
         run_strategy: RunStrategy = "cluster",
         active: bool = True,
+        day_match: DayMatch | None = None,
     ) -> Callable[[F], F]:
         """Decorator form of :meth:`add_job`; returns the function unchanged."""
 
@@ -352,6 +361,7 @@ class Scheduler:
                 misfire=misfire,
                 run_strategy=run_strategy,
                 active=active,
+                day_match=day_match,
             )
             return fn
 
@@ -369,9 +379,11 @@ class Scheduler:
         misfire: Misfire = "skip",
         run_strategy: RunStrategy = "cluster",
         active: bool = True,
+        day_match: DayMatch | None = None,
     ) -> Job:
         """Define a job; it starts ticking at once if the scheduler runs (and, for cluster jobs,
-        leads). Raises CronError for a bad schedule or zone, InvalidJob or JobExists."""
+        leads). ``day_match="and"``: Quantum's day rule (see shoal.cron). Raises CronError for
+        a bad schedule or zone, InvalidJob or JobExists."""
         if not callable(fn):
             raise InvalidJob(f"job function must be callable, got {fn!r}")
         job_name = name if name is not None else getattr(fn, "__name__", None)
@@ -391,11 +403,15 @@ class Scheduler:
         if timeout is not None and not timeout > 0:
             raise InvalidJob(f"job {job_name!r}: timeout must be > 0 seconds, got {timeout!r}")
         if isinstance(schedule, CronSchedule):
-            if tz is not None:
-                raise InvalidJob(f"job {job_name!r}: pass tz to CronSchedule.parse, not both")
+            if tz is not None or day_match is not None:
+                raise InvalidJob(
+                    f"job {job_name!r}: pass tz and day_match to CronSchedule.parse, not both"
+                )
             parsed = schedule
         else:
-            parsed = CronSchedule.parse(schedule, tz if tz is not None else self.tz)
+            parsed = CronSchedule.parse(
+                schedule, tz if tz is not None else self.tz, day_match=day_match or "crontab"
+            )
         job = Job(
             name=job_name,
             schedule=parsed,
@@ -706,6 +722,7 @@ class Scheduler:
                 continue
             latest = schedule.latest_in(cursor, now) or due
             if latest.timestamp() > now.timestamp() - self.misfire_grace:
+                self._call_hook(self.on_tick_missed, job, due, latest, "on_time")
                 log.warning(
                     "job %r: missed ticks from %s to before %s skipped",
                     job.name,
@@ -714,6 +731,7 @@ class Scheduler:
                 )
                 self._launch(job, latest)
             elif job.misfire == "run_once":
+                self._call_hook(self.on_tick_missed, job, due, latest, "run_once")
                 log.warning(
                     "job %r: missed ticks %s..%s; running once to catch up",
                     job.name,
@@ -722,6 +740,7 @@ class Scheduler:
                 )
                 self._launch(job, latest)
             else:
+                self._call_hook(self.on_tick_missed, job, due, latest, "skip")
                 log.warning(
                     "job %r: missed ticks %s..%s skipped (misfire=skip)",
                     job.name,
@@ -753,6 +772,8 @@ class Scheduler:
             )
             return None
         if not job.overlap and self._busy(job):
+            if not manual:
+                self._call_hook(self.on_tick_skipped, job, tick, "overlap")
             log.warning(
                 "job %r: tick %s skipped, previous run still running (overlap=False)",
                 job.name,
@@ -774,6 +795,7 @@ class Scheduler:
 
     async def _fire(self, job: Job, tick: datetime) -> RunResult | None:
         """Report the start, dispatch, record the outcome, report it."""
+        logs.bind(job=job.name, tick=tick.isoformat())  # this run's task only
         state = self._states[job.name]
         try:
             await self._emit(job, state)

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from shoal import logs
 from shoal.mesh import MembershipEvent
 from shoal.quorum import Acceptor, Ballot, majority, parse_ballot
 from shoal.ratelimit import RateLimitedLog
@@ -168,6 +169,11 @@ class Singletons:
             holders = self._holders_of(name, self._items.get(name))
             result[name] = holders[0][1] if holders else None
         return result
+
+    def starts(self, name: str) -> int:
+        """How many times this node started singleton `name` (its takeovers)."""
+        item = self._items.get(name)
+        return item.starts if item else 0
 
     def is_holder(self, name: str) -> bool:
         item = self._items.get(name)
@@ -370,6 +376,7 @@ class Singletons:
             self.node.name,
             item.mode,
             token,
+            extra={"singleton": item.name, "token": token},
         )
         ctx = SingletonContext(
             item.name,
@@ -392,6 +399,7 @@ class Singletons:
         return not self.node.lag.stalled_recently()
 
     async def _run(self, item: _Singleton, ctx: SingletonContext) -> None:
+        logs.bind(singleton=item.name, token=ctx.token)  # this task and those it starts
         try:
             await item.func(ctx)
         except asyncio.CancelledError:

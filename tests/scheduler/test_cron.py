@@ -71,13 +71,60 @@ def test_seven_fields_end_with_a_year() -> None:
         ("0 0 * * L5", "2025-01-31T00:00:00+00:00"),  # last Friday
         ("0 0 15W * *", "2025-01-15T00:00:00+00:00"),  # nearest weekday to the 15th
         ("0 0 * * 7", "2025-01-05T00:00:00+00:00"),  # 7 is Sunday too
+        ("0 0 * * 5L", "2025-01-31T00:00:00+00:00"),  # last Friday, Quantum's form
+        ("0 0 * * FRIL", "2025-01-31T00:00:00+00:00"),  # last Friday, by name
+        ("0 0 * * MON#2", "2025-01-13T00:00:00+00:00"),  # second Monday
     ],
 )
 def test_names_lists_and_special_characters(expr: str, expected: str) -> None:
     start = datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC)
     assert fires(expr, "UTC", start, 1) == [expected]
-    reference = croniter(expr, start, ret_type=datetime).get_next()
+    in_croniter_syntax = expr.replace("FRIL", "L5").replace("5L", "L5")
+    reference = croniter(in_croniter_syntax, start, ret_type=datetime).get_next()
     assert reference.isoformat() == expected
+
+
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        ("0 0 LW * *", ["2025-05-30", "2025-06-30", "2025-07-31", "2025-08-29"]),
+        ("0 0 L * *", ["2025-05-31", "2025-06-30", "2025-07-31", "2025-08-31"]),
+        ("0 0 1W * *", ["2025-06-02", "2025-07-01", "2025-08-01", "2025-09-01"]),  # Sun -> Mon
+        ("0 0 31W * *", ["2025-05-30", "2025-06-30", "2025-07-31", "2025-08-29"]),  # clamps
+        ("0 0 15W * *", ["2025-05-15", "2025-06-16", "2025-07-15", "2025-08-15"]),  # Sun -> Mon
+    ],
+)
+def test_weekday_forms_of_the_day_of_month(expr: str, expected: list[str]) -> None:
+    """Quantum's W forms: the weekday nearest a day, never leaving the month."""
+    start = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    assert [f[:10] for f in fires(expr, "UTC", start, 4)] == expected
+
+
+def test_day_fields_combine_as_crontab_by_default_and_as_quantum_when_asked() -> None:
+    start = datetime(2024, 1, 1, 12, tzinfo=UTC)  # a Monday
+    # both restricted: crontab ORs them (the 15th, or any Monday)
+    assert [f[:10] for f in fires("0 0 15 * MON", "UTC", start, 3)] == [
+        "2024-01-08",
+        "2024-01-15",
+        "2024-01-22",
+    ]
+    # a '*'-prefixed field counts as unrestricted: odd days that are Mondays
+    assert [f[:10] for f in fires("0 0 */2 * MON", "UTC", start, 3)] == [
+        "2024-01-15",
+        "2024-01-29",
+        "2024-02-05",
+    ]
+    quantum = CronSchedule.parse("0 0 15 * MON", "UTC", day_match="and")
+    t: datetime | None = start
+    got = []
+    for _ in range(2):
+        assert t is not None
+        t = quantum.next_after(t)
+        got.append(t)
+    assert got == [datetime(2024, 1, 15, tzinfo=UTC), datetime(2024, 4, 15, tzinfo=UTC)]
+    assert quantum.day_match == "and" and quantum != CronSchedule.parse("0 0 15 * MON")
+    with pytest.raises(CronError, match="day_match"):
+        CronSchedule.parse("* * * * *", day_match="or")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("alias", sorted(ALIASES))
@@ -154,7 +201,11 @@ def test_latest_in_finds_the_newest_tick_of_a_gap() -> None:
         ("60 * * * *", "out of range"),
         ("* 24 * * *", "out of range"),
         ("*/0 * * * *", "step '0'"),
-        ("0 0 31 2 *", "can never occur"),
+        ("0 0 31 2 *", "never fires"),
+        ("0 0 5-2 * *", "runs backwards"),
+        ("0 0 * * MON#6", "#1 to #5"),
+        ("0 0 32W * *", "out of range"),
+        ("0 0 * * 8L", "out of range"),
         ("0 0 0 1 1 * 2001", "never fires"),
         ("@fortnightly", "unknown alias"),
         ("H * * * *", "hashed/random"),

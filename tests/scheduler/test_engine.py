@@ -505,6 +505,18 @@ def test_bad_schedules_and_zones_fail_at_definition() -> None:
     assert s.list_jobs() == []
 
 
+def test_day_match_is_a_per_job_option() -> None:
+    s = Scheduler()
+    crontab = s.add_job("0 0 15 * MON", lambda: None, name="either")
+    quantum = s.add_job("0 0 15 * MON", lambda: None, name="both", day_match="and")
+    assert crontab.schedule.day_match == "crontab" and quantum.schedule.day_match == "and"
+    start = datetime(2024, 1, 2, tzinfo=UTC)
+    assert crontab.schedule.next_after(start) == datetime(2024, 1, 8, tzinfo=UTC)
+    assert quantum.schedule.next_after(start) == datetime(2024, 1, 15, tzinfo=UTC)
+    with pytest.raises(InvalidJob, match="not both"):
+        s.add_job(crontab.schedule, lambda: None, name="c", day_match="and")
+
+
 async def test_deactivated_jobs_do_not_tick(scheduler: Scheduler) -> None:
     ticks: asyncio.Queue[datetime] = asyncio.Queue()
     other: asyncio.Queue[datetime] = asyncio.Queue()

@@ -1,9 +1,11 @@
 """Reading the `hi` job's log lines back: which node ran which tick, and when.
 
-`hi` logs `HH:MM:SS.mmm INFO    hi.jobs: Job running on: NODE with cookie ...`
-at the start of every run and `Job done on: NODE ...` at its end; the job runs
-within milliseconds of its tick, so the start time rounded down is the tick
-for a one-second schedule.
+`hi` logs `2026-11-30T02:00:05.001+00:00 INFO    hi.jobs: Job running on: NODE with
+cookie ...` at the start of every run and `Job done on: NODE ...` at its end; the job
+runs within milliseconds of its tick, so the start time rounded down is the tick for a
+one-second schedule. Times are read as seconds since local midnight (the tests compare
+them with `time.localtime()`); the stamp's date and zone are accepted and not needed,
+and undated `HH:MM:SS.mmm` stamps (older builds) are read too.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
-LINE = re.compile(
-    r"^(?P<time>\d\d:\d\d:\d\d\.\d{3}) \S+\s+hi\.jobs: Job (?P<what>running|done) on: (?P<node>\S+)"
-)
+#: A line's leading stamp: optional ISO date, the local time of day, optional UTC offset.
+STAMP = r"(?:\d{4}-\d\d-\d\dT)?(?P<time>\d\d:\d\d:\d\d\.\d{3})(?:Z|[+-]\d\d:\d\d)?"
+LINE = re.compile(rf"^{STAMP} \S+\s+hi\.jobs: Job (?P<what>running|done) on: (?P<node>\S+)")
 TOKEN = re.compile(
-    r"^(?P<time>\d\d:\d\d:\d\d\.\d{3}) .*singleton shoal\.scheduler: running on (?P<node>\S+) "
+    rf"^{STAMP} .*singleton shoal\.scheduler: running on (?P<node>\S+) "
     r"\(mode (?P<mode>\w+), token (?P<token>\d+)\)"
 )
 

@@ -23,11 +23,19 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from hi.jobs import add_hi_job
 from hi.pages import render_page
-from shoal import ConfigError, Node
+from shoal import ConfigError, Node, logs
+from shoal.jobstore import DurableJobs, PostgresJobStore
+
+try:
+    import prometheus_client  # noqa: F401  # the optional extra is installed
+
+    from shoal.metrics import NodeMetrics
+except ImportError:  # pragma: no cover - without shoal[metrics]
+    NodeMetrics = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("hi")
 
@@ -101,9 +109,19 @@ def create_app(node: Node) -> FastAPI:
             return JSONResponse({"detail": str(exc)}, 400)
         return JSONResponse({"published": payload}, 202)
 
+    node_metrics = NodeMetrics(node) if NodeMetrics is not None else None
+
+    async def metrics() -> Response:
+        """Prometheus text exposition (needs the shoal[metrics] extra)."""
+        if node_metrics is None:
+            return PlainTextResponse("install shoal[metrics] (prometheus-client)\n", 501)
+        body, content_type = node_metrics.render()
+        return Response(body, media_type=content_type)
+
     # Behind the load balancer, /krillin/* reaches krillin only: its page and
     # API live under that prefix too, so the page's own requests stay on krillin.
     for prefix in ("", "/krillin"):
+        app.add_api_route(f"{prefix}/metrics", metrics, methods=["GET"])
         app.add_api_route(f"{prefix}/cluster", cluster, methods=["GET"])
         app.add_api_route(f"{prefix}/wait/{{key}}", wait, methods=["GET"])
         app.add_api_route(f"{prefix}/event/{{key}}", event, methods=["POST"])
@@ -168,8 +186,34 @@ class HiServer(uvicorn.Server):
             self.should_exit = True
 
 
-async def serve(node: Node, port: int) -> int:
-    """Run the node and its HTTP server until a signal; the exit code."""
+async def serve(node: Node, port: int, job_store_dsn: str | None = None) -> int:
+    """Run the node and its HTTP server until a signal; the exit code.
+
+    With ``job_store_dsn`` (SHOAL_JOB_STORE_DSN) the jobs' states are loaded from and
+    saved to Postgres, so a restart of the whole cluster keeps the last tick; a node
+    that cannot load them does not start (it could repeat a tick).
+    """
+    store: PostgresJobStore | None = None
+    durable: DurableJobs | None = None
+    if job_store_dsn:
+        store = PostgresJobStore(job_store_dsn)
+        durable = DurableJobs(node.scheduler, store)
+        try:
+            loaded = await durable.load()
+        except Exception as exc:
+            log.error("job store: cannot load the jobs' states: %s", exc)
+            await store.close()
+            return 1
+        log.info("job store: %d job states loaded", loaded)
+    try:
+        return await _serve(node, port)
+    finally:
+        if durable is not None and store is not None:
+            await durable.flush()
+            await store.close()
+
+
+async def _serve(node: Node, port: int) -> int:
     try:
         await node.start()
     except OSError as exc:
@@ -195,13 +239,15 @@ async def serve(node: Node, port: int) -> int:
     return 0 if server.started else 1
 
 
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def configure_logging(env: dict[str, str] | os._Environ[str]) -> None:
+    """Dated text lines on stderr, or JSON lines with SHOAL_LOG_FORMAT=json."""
+    try:
+        fmt = logs.log_format(env)
+    except ConfigError as exc:
+        logs.configure("text")
+        log.error("configuration error: %s", exc)
+        sys.exit(2)
+    logs.configure(fmt)
 
 
 def http_port(env: dict[str, str] | os._Environ[str]) -> int:
@@ -217,15 +263,15 @@ def http_port(env: dict[str, str] | os._Environ[str]) -> int:
 
 def main() -> None:
     """Entry point of `.venv/bin/hi`: exit 2 on bad configuration, 1 on other failures."""
-    configure_logging()
+    configure_logging(os.environ)
     try:
         node = Node.from_env()
         port = http_port(os.environ)
         add_hi_job(node, os.environ)
     except ConfigError as exc:
-        print(f"hi: configuration error: {exc}", file=sys.stderr)
+        log.error("configuration error: %s", exc)
         sys.exit(2)
-    sys.exit(asyncio.run(serve(node, port)))
+    sys.exit(asyncio.run(serve(node, port, os.environ.get("SHOAL_JOB_STORE_DSN") or None)))
 
 
 if __name__ == "__main__":

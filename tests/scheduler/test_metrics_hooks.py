@@ -1,0 +1,72 @@
+"""The scheduler's metric hooks, counted by shoal.metrics: missed, skipped and run ticks.
+
+A real Scheduler (the one of an unstarted Node) leads from a shared state whose last tick
+lies four ticks in the past, under each misfire policy; the /metrics end-to-end test with
+real nodes is tests/app/test_metrics.py.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shoal import Node, Settings
+from shoal.metrics import NodeMetrics, handshake_reason
+from shoal.scheduler import JobState, Misfire
+from tests.support.procs import async_wait_until
+
+
+def sample(metrics: NodeMetrics, name: str, **labels: str) -> float:
+    body, _ = metrics.render()
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+@pytest.mark.parametrize(("misfire", "runs", "skipped"), [("skip", 0, 4), ("run_once", 1, 3)])
+async def test_missed_ticks_are_counted_by_policy(
+    misfire: Misfire, runs: int, skipped: int
+) -> None:
+    node = Node(Settings(cookie="metrics-hooks", host="127.0.0.1", port=1, topology="static"))
+    metrics = NodeMetrics(node)
+    scheduler = node.scheduler
+    scheduler.dispatcher = None  # run here: the node is not started, so holds no singleton
+    # Every minute at a second that passed ~30 s ago: the newest missed tick is ~30 s old,
+    # well beyond the misfire grace, and the next one is ~30 s away.
+    target = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=30)
+    scheduler.add_job(f"{target.second} * * * * *", lambda: None, name="j", misfire=misfire)
+    await scheduler.start()
+    try:
+        last_tick = target - timedelta(minutes=4)  # ticks at -3, -2, -1, 0 minutes missed
+        scheduler.start_leading({"j": JobState(last_tick=last_tick)})
+        await async_wait_until(
+            lambda: sample(metrics, "shoal_job_missed_ticks_total", job="j") > 0, 5.0
+        )
+        if runs:
+            await async_wait_until(
+                lambda: sample(metrics, "shoal_job_runs_total", job="j", status="ok") >= runs, 5.0
+            )
+    finally:
+        await scheduler.stop(drain_timeout=0.5)
+    assert sample(metrics, "shoal_job_missed_ticks_total", job="j") == 4
+    assert sample(metrics, "shoal_job_skipped_ticks_total", job="j", reason="misfire") == skipped
+    assert sample(metrics, "shoal_job_runs_total", job="j", status="ok") == runs
+    assert sample(metrics, "shoal_job_lateness_seconds_count", job="j") == runs
+    if runs:
+        assert sample(metrics, "shoal_job_lateness_seconds_sum", job="j") >= 29
+
+
+def test_handshake_failure_reasons_are_a_bounded_set() -> None:
+    assert handshake_reason("dialer's cookie proof is wrong (different RELEASE_COOKIE?)") == (
+        "cookie"
+    )
+    assert handshake_reason("rejected: cookie") == "cookie"
+    assert handshake_reason("handshake did not finish in time") == "timeout"
+    assert handshake_reason("TLS handshake failed: bad cert") == "tls"
+    assert handshake_reason("unsupported protocol version 9") == "version"
+    assert handshake_reason("expected HELLO") == "protocol"
+    assert handshake_reason("rejected: wrong node") == "rejected"
