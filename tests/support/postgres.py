@@ -105,12 +105,15 @@ def running_postgres(timeout: float = 30.0, netns: Any = None) -> Iterator[Postg
         deadline = time.monotonic() + timeout
         while True:
             try:
+                # pg_isready, not a TCP connect: the port opens before the server
+                # accepts logins ("the database system is starting up").
+                isready = [f"{bindir}/pg_isready", "-q", "-h", listen, "-p", str(port)]
                 if netns is None:
-                    socket.create_connection((listen, port), timeout=0.5).close()
+                    subprocess.run(isready, check=True, timeout=5)
                 else:
-                    netns.run([f"{bindir}/pg_isready", "-h", listen, "-p", str(port)])
+                    netns.run(isready)
                 break
-            except (OSError, RuntimeError):
+            except (OSError, RuntimeError, subprocess.SubprocessError):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("Postgres did not start") from None
                 time.sleep(0.05)
