@@ -284,26 +284,26 @@ class Messaging:
             self._reply(sender, call_id, False, f"no handler named {name!r} on {self.node_name}")
             return
         handler, mode = entry
-        if mode == _INLINE:
-            try:
+        if mode != _INLINE and sender != self.node_name:
+            if self._inflight[sender] >= self._max_inflight:
+                self._refuse(name, sender, call_id)
+                return
+        result: Any
+        try:
+            if mode == _THREAD:
+                result = asyncio.get_running_loop().run_in_executor(
+                    self._worker_threads(), handler, payload, sender
+                )
+            else:
                 result = handler(payload, sender)
-            except Exception as exc:
-                log.exception("handler %r failed on a message from %s", name, sender)
-                self._reply(sender, call_id, False, f"{type(exc).__name__}: {exc}")
-                return
-            # `inspect.isawaitable` is slow; plain data (the common case) is not awaitable.
-            if type(result) in _PLAIN or not inspect.isawaitable(result):
-                self._reply(sender, call_id, True, result)
-                return
-        elif sender != self.node_name and self._inflight[sender] >= self._max_inflight:
-            self._refuse(name, sender, call_id)
+        except Exception as exc:
+            log.exception("handler %r failed on a message from %s", name, sender)
+            self._reply(sender, call_id, False, f"{type(exc).__name__}: {exc}")
             return
-        elif mode == _ASYNC:
-            result = handler(payload, sender)
-        else:
-            result = asyncio.get_running_loop().run_in_executor(
-                self._worker_threads(), handler, payload, sender
-            )
+        # `inspect.isawaitable` is slow; plain data (the common case) is not awaitable.
+        if mode == _INLINE and (type(result) in _PLAIN or not inspect.isawaitable(result)):
+            self._reply(sender, call_id, True, result)
+            return
         self._inflight[sender] += 1
         task = asyncio.ensure_future(self._finish(name, result, sender, call_id))
         self._tasks.add(task)

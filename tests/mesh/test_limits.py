@@ -206,3 +206,19 @@ def test_limits_come_from_the_environment() -> None:
     assert (settings.max_inflight_per_peer, settings.handler_threads) == (10, 4)
     defaults = Settings.from_env({"RELEASE_COOKIE": "x" * 20, "NODE_HOST": "127.0.0.1"})
     assert defaults.max_frame_size == 512 * KIB
+
+
+async def test_a_handler_that_cannot_be_called_fails_the_call_not_the_connection(
+    make_node: NodeFactory,
+) -> None:
+    a, b = await pair(make_node)
+    downs = record_downs(a)
+
+    async def one_argument(payload: Any) -> Any:
+        return payload
+
+    b.register("bad", one_argument)  # type: ignore[arg-type]
+    with pytest.raises(RemoteError, match="TypeError"):
+        await a.call(b.name, "bad", None)
+    assert await a.ping(b.name) >= 0
+    assert downs == []
