@@ -149,15 +149,17 @@ def cpu_seconds(pid: int) -> float:
 def test_worst_case_frames_cost_the_receiver_under_100_ms_each(procs: Procs, case: str) -> None:
     a, b = start(procs, ["127.0.94.2", "127.0.94.3"])
     count = 10
-    before = cpu_seconds(b.proc.pid)
-    outcome = probe(a, "/probe/frames", node_name=b.name, case=case, count=count)
-    assert outcome["ok"] is True, outcome
-    time.sleep(1.0)  # the last frames decode
-    per_frame = (cpu_seconds(b.proc.pid) - before - 1.0 * 0.02) / count  # minus idle work
-    print(f"{case}: {per_frame * 1000:.0f} ms of the receiver's CPU per frame")
-    assert per_frame < 0.1, per_frame
+    idle_from, idle_cpu = time.monotonic(), cpu_seconds(b.proc.pid)
+    time.sleep(1.0)
+    idle_rate = (cpu_seconds(b.proc.pid) - idle_cpu) / (time.monotonic() - idle_from)
+    started, before = time.monotonic(), cpu_seconds(b.proc.pid)
+    outcome = probe(a, "/probe/frames", timeout=120, node_name=b.name, case=case, count=count)
+    assert outcome["ok"] is True, outcome  # returns once b has handled every frame
+    spent = cpu_seconds(b.proc.pid) - before - idle_rate * (time.monotonic() - started)
+    print(f"{case}: {spent / count * 1000:.0f} ms of the receiver's CPU per frame")
+    assert spent / count < 0.1, spent / count
+    wait_until(b.ready, 10, message="b answers")
     assert downs(procs) == [], procs.dump()
-    assert b.ready()
 
 
 def peak_rss(pid: int) -> int:
@@ -168,7 +170,9 @@ def peak_rss(pid: int) -> int:
 
 
 def test_a_peer_that_never_reads_is_dropped_before_it_grows_memory(procs: Procs) -> None:
-    a, b, c = start(procs, [f"127.0.95.{i}" for i in range(2, 5)])
+    # Few calls at once, so that b's memory is mostly what it queued for `a`.
+    hosts = [f"127.0.95.{i}" for i in range(2, 5)]
+    a, b, c = start(procs, hosts, SHOAL_MAX_INFLIGHT_PER_PEER="32")
     before = peak_rss(b.proc.pid)
     # 2000 calls for 64 KiB replies, in about a second: 125 MiB that `a` will never read.
     outcome = probe(a, "/probe/flood", node_name=b.name, size=64 * 1024, count=2000)
@@ -178,7 +182,7 @@ def test_a_peer_that_never_reads_is_dropped_before_it_grows_memory(procs: Procs)
     )
     grown = peak_rss(b.proc.pid) - before
     print(f"b's peak RSS grew by {grown / MIB:.1f} MiB")
-    assert grown < 48 * MIB, grown / MIB
+    assert grown < 40 * MIB, grown / MIB  # 16 MiB queued, and copies on their way
     assert "not read" in b.proc.output()
     # The good peer was never affected.
     assert all(c.name not in line for line in downs(procs)), procs.dump()

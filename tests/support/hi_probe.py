@@ -8,7 +8,8 @@ do, from code, what an application would:
 - `POST /probe/call?node_name=N&handler=H&arg=X&call_timeout=T`: `node.call`, the outcome as JSON;
 - `POST /probe/publish?size=N`: publish N bytes from code, the outcome as JSON;
 - `POST /probe/frames?node_name=N&case=C&count=K`: send K worst-case frames (see
-  `tests.wire.bench_decode`) as PUBLISH messages to node N, bypassing the size check;
+  `tests.wire.bench_decode`) as PUBLISH messages to node N, bypassing the size
+  check; returns once N has handled them;
 - `POST /probe/flood?node_name=N&size=S&count=K`: K calls to `blob` on N, 20 every
   10 ms, with reading from N paused, so that N's replies pile up (a peer that never reads).
 """
@@ -73,6 +74,8 @@ def main() -> None:
         for _ in range(count):
             conn.send_encoded(data)
             await conn.drain()
+        # Returns once the receiver has handled them all: a call is ordered behind them.
+        await node.call(node_name, "shoal.ping", None, timeout=60)
         return outcome(len(body))
 
     @app.post("/probe/flood")
