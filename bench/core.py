@@ -84,9 +84,10 @@ async def shoal_server(port: int) -> None:
         nonlocal count
         count += 1
 
-    node.register("sink", sink)
-    node.register("count", lambda _payload, _sender: count)
-    node.register("echo", lambda payload, _sender: payload)
+    # They return at once, so they run on the event loop, not in worker threads.
+    node.register("sink", sink, sync_to_thread=False)
+    node.register("count", lambda _payload, _sender: count, sync_to_thread=False)
+    node.register("echo", lambda payload, _sender: payload, sync_to_thread=False)
     await node.start()
     report({"ready": True})
     await until_terminated()

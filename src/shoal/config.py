@@ -80,8 +80,23 @@ class Settings:
     # host): give up and let the next discovery round dial afresh, so a healed
     # link reconnects within about a second instead of the kernel's retries.
     connect_timeout: float = 1.0
-    # Frames above this size are refused; the connection is dropped.
-    max_frame_size: int = 8 * 1024 * 1024
+    # The largest message. A sender gets MessageTooLarge above it; a receiver
+    # drops a peer that sends a larger frame. Decoding a frame runs on the
+    # event loop and costs up to one object per byte: 512 KiB of the worst
+    # content (empty lists) takes about 30-50 ms of CPU on a busy 2-core
+    # machine, so one frame cannot stall a node for more than about 100 ms.
+    # Raising it raises that bound in proportion.
+    max_frame_size: int = 512 * 1024
+    # Bytes queued for one peer that it has not read yet. A peer past this is
+    # not reading (or far too slow) and is dropped, so it cannot grow our
+    # memory; senders that await (`send`) wait at 4 MiB, far below it.
+    max_send_buffer: int = 16 * 1024 * 1024
+    # Handler calls from one peer running at once (async handlers and sync
+    # ones in threads). Above it a call is refused with `Busy` and a one-way
+    # message is dropped, so one peer cannot queue unbounded work here.
+    max_inflight_per_peer: int = 256
+    # Worker threads for sync handlers (shared by all peers).
+    handler_threads: int = 16
     # How long a graceful stop waits for singletons and jobs to finish.
     drain_timeout: float = 10.0
     tls: TLSFiles | None = None
@@ -123,6 +138,17 @@ class Settings:
             raise ConfigError(
                 "SHOAL_FAILURE_TIMEOUT_MS must be larger than SHOAL_HEARTBEAT_INTERVAL_MS, "
                 "and both positive."
+            )
+        if not 64 * 1024 <= self.max_frame_size < 2**32:
+            raise ConfigError("SHOAL_MAX_FRAME_BYTES must be at least 65536 (and below 4 GiB).")
+        if self.max_send_buffer < 4 * 1024 * 1024 + 2 * self.max_frame_size:
+            raise ConfigError(
+                "SHOAL_MAX_SEND_BUFFER_BYTES must be at least 4 MiB plus twice "
+                "SHOAL_MAX_FRAME_BYTES (the write high-water mark and two frames)."
+            )
+        if self.max_inflight_per_peer < 1 or self.handler_threads < 1:
+            raise ConfigError(
+                "SHOAL_MAX_INFLIGHT_PER_PEER and SHOAL_HANDLER_THREADS must be at least 1."
             )
         if self.expected_nodes is not None and self.expected_nodes < 1:
             raise ConfigError("SHOAL_EXPECTED_NODES must be at least 1.")
@@ -184,6 +210,10 @@ class Settings:
             handshake_timeout=_ms(env, "SHOAL_HANDSHAKE_TIMEOUT_MS", 3000),
             connect_timeout=_ms(env, "SHOAL_CONNECT_TIMEOUT_MS", 1000),
             drain_timeout=_ms(env, "SHOAL_DRAIN_TIMEOUT_MS", 10000),
+            max_frame_size=_int(env, "SHOAL_MAX_FRAME_BYTES", 512 * 1024),
+            max_send_buffer=_int(env, "SHOAL_MAX_SEND_BUFFER_BYTES", 16 * 1024 * 1024),
+            max_inflight_per_peer=_int(env, "SHOAL_MAX_INFLIGHT_PER_PEER", 256),
+            handler_threads=_int(env, "SHOAL_HANDLER_THREADS", 16),
             tls=tls,
             singleton_mode=(env.get("SHOAL_SINGLETON_MODE") or "mesh").strip().lower(),
             expected_nodes=_parse_int("SHOAL_EXPECTED_NODES", expected) if expected else None,

@@ -3,11 +3,19 @@
 Semantics: messages between one sender and one receiver arrive in order;
 delivery is at most once; a call returns the reply or raises `CallTimeout`,
 `NodeDown` or `RemoteError`, and never hangs.
+
+Handlers never block the event loop by default: an async handler runs as a
+task, a sync one in a worker thread (`sync_to_thread=False` keeps a quick
+sync handler on the loop, as shoal's own `shoal.*` handlers are). Every
+message is checked against the frame limit where it is made, so an oversized
+one fails at its sender (`MessageTooLarge`) and never costs a connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import inspect
 import itertools
 import logging
@@ -16,7 +24,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from shoal import wire
+from shoal.config import Settings
 from shoal.mesh import MembershipEvent, Mesh, NodeDown
+from shoal.wire import MessageTooLarge
 
 log = logging.getLogger("shoal.messaging")
 
@@ -37,6 +47,24 @@ class CallTimeout(TimeoutError):
 
 class RemoteError(RuntimeError):
     """The remote handler raised, or there was no such handler."""
+
+
+class Busy(RemoteError):
+    """The peer refused the call: too many calls from this node are running there.
+
+    `SHOAL_MAX_INFLIGHT_PER_PEER` on the peer; retry later, or call less at once.
+    """
+
+
+class ReplyTooLarge(RemoteError, MessageTooLarge):
+    """The handler ran, but its reply does not fit in one frame (`SHOAL_MAX_FRAME_BYTES`)."""
+
+
+# The `ok` field of a REPLY frame: True, False (the handler failed), or one of
+# these, which older nodes read as False.
+_REPLY_ERRORS: dict[str | None, type[RemoteError]] = {"busy": Busy, "too_large": ReplyTooLarge}
+# How a handler runs: as a task, in a worker thread, or inline on the loop.
+_ASYNC, _THREAD, _INLINE = "async", "thread", "inline"
 
 
 class Subscription:
@@ -89,31 +117,59 @@ class Subscription:
 class Messaging:
     """Handlers, pending calls and subscriptions of one node."""
 
-    def __init__(self, node_name: str) -> None:
-        self.node_name = node_name
+    def __init__(self, settings: Settings) -> None:
+        self.node_name = settings.name
         self.mesh: Mesh | None = None
-        self._handlers: dict[str, Handler] = {}
+        self._max_frame = settings.max_frame_size
+        self._max_inflight = settings.max_inflight_per_peer
+        self._threads = settings.handler_threads
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._handlers: dict[str, tuple[Handler, str]] = {}
         self._calls: dict[int, tuple[asyncio.Future[Any], str]] = {}
         self._ids = itertools.count(1)
         self._topics: dict[str, set[Subscription]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Called with each remote call's round trip in seconds (shoal.metrics sets it).
         self.call_observer: Callable[[float], None] | None = None
+        self._inflight: collections.Counter[str] = collections.Counter()  # by sender
+        self._refused = 0
+        self._refused_logged = -1.0
 
     # handlers --------------------------------------------------------------
-    def register(self, name: str, handler: Handler) -> None:
-        """Make `handler` reachable from every node as `name`."""
+    def register(self, name: str, handler: Handler, *, sync_to_thread: bool | None = None) -> None:
+        """Make `handler` reachable from every node as `name`.
+
+        A sync handler runs in a worker thread (`SHOAL_HANDLER_THREADS`), so
+        that it may block; `sync_to_thread=False` runs it on the event loop
+        instead, for handlers that return at once (faster, and in arrival
+        order). Handlers named `shoal.*` are shoal's own and run on the loop.
+        """
         if name in self._handlers:
             raise ValueError(f"a handler named {name!r} is already registered")
-        self._handlers[name] = handler
+        if sync_to_thread is None:
+            sync_to_thread = not name.startswith("shoal.")
+        if _is_async(handler):
+            mode = _ASYNC
+        else:
+            mode = _THREAD if sync_to_thread else _INLINE
+        self._handlers[name] = (handler, mode)
 
     def unregister(self, name: str) -> None:
         self._handlers.pop(name, None)
 
+    def close(self) -> None:
+        """Stop the worker threads once their handlers return (called by `Node.stop`)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def _encode(self, frame: list[Any]) -> bytes:
+        return wire.encode_frame(frame, self._max_frame)
+
     # sending ---------------------------------------------------------------
     async def send(self, node: str, handler: str, payload: Any) -> None:
         """Deliver `payload` to `handler` on `node`, without waiting for a reply."""
-        frame = wire.encode_frame([wire.SEND, handler, payload])
+        frame = self._encode([wire.SEND, handler, payload])
         if node == self.node_name:
             self._run_handler(handler, payload, self.node_name, None)
             return
@@ -132,16 +188,16 @@ class Messaging:
             return
         conns = mesh.connections
         targets = conns.values() if peers is None else [conns[p] for p in peers if p in conns]
-        data = wire.encode_frame([wire.SEND, handler, payload])
+        data = self._encode([wire.SEND, handler, payload])
         for conn in targets:
             conn.send_encoded(data)
 
     async def call(self, node: str, handler: str, payload: Any, timeout: float = 5.0) -> Any:
         """Ask `handler` on `node` and return its reply."""
+        call_id = next(self._ids)
+        frame = self._encode([wire.CALL, call_id, handler, payload])
         if node == self.node_name:
             return await asyncio.wait_for(self._local_call(handler, payload), timeout)
-        call_id = next(self._ids)
-        frame = wire.encode_frame([wire.CALL, call_id, handler, payload])
         conn = self._mesh.connection_to(node)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = (future, node)
@@ -159,8 +215,8 @@ class Messaging:
 
     async def publish(self, topic: str, payload: Any) -> None:
         """Deliver `payload` to every subscriber of `topic` on every node, this one included."""
-        frame = [wire.PUBLISH, topic, payload]
-        data = wire.encode_frame(frame)  # fails here, at the sender, for non-msgpack payloads
+        # Fails here, at the sender, for non-msgpack or oversized payloads.
+        data = self._encode([wire.PUBLISH, topic, payload])
         mesh = self._mesh
         for conn in mesh.connections.values():
             conn.send_encoded(data)
@@ -206,7 +262,9 @@ class Messaging:
                 if frame[2] is True:
                     entry[0].set_result(frame[3])
                 else:
-                    entry[0].set_exception(RemoteError(str(frame[3])))
+                    kind = frame[2] if isinstance(frame[2], str) else None
+                    error = _REPLY_ERRORS.get(kind, RemoteError)
+                    entry[0].set_exception(error(str(frame[3])))
         elif kind == wire.PUBLISH and len(frame) == 3 and isinstance(frame[1], str):
             self._deliver(frame[1], frame[2], sender)
         else:
@@ -225,55 +283,113 @@ class Messaging:
             subscription.deliver(payload, sender)
 
     def _run_handler(self, name: str, payload: Any, sender: str, call_id: int | None) -> None:
-        handler = self._handlers.get(name)
-        if handler is None:
+        entry = self._handlers.get(name)
+        if entry is None:
             log.debug("no handler %r for a message from %s", name, sender)
             self._reply(sender, call_id, False, f"no handler named {name!r} on {self.node_name}")
             return
+        handler, mode = entry
+        if mode != _INLINE and sender != self.node_name:
+            if self._inflight[sender] >= self._max_inflight:
+                self._refuse(name, sender, call_id)
+                return
+        result: Any
         try:
-            result = handler(payload, sender)
+            if mode == _THREAD:
+                result = asyncio.get_running_loop().run_in_executor(
+                    self._worker_threads(), handler, payload, sender
+                )
+            else:
+                result = handler(payload, sender)
         except Exception as exc:
             log.exception("handler %r failed on a message from %s", name, sender)
             self._reply(sender, call_id, False, f"{type(exc).__name__}: {exc}")
             return
         # `inspect.isawaitable` is slow; plain data (the common case) is not awaitable.
-        if type(result) not in _PLAIN and inspect.isawaitable(result):
-            task = asyncio.ensure_future(self._finish(name, result, sender, call_id))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        elif call_id is not None:
+        if mode == _INLINE and (type(result) in _PLAIN or not inspect.isawaitable(result)):
             self._reply(sender, call_id, True, result)
+            return
+        self._inflight[sender] += 1
+        task = asyncio.ensure_future(self._finish(name, result, sender, call_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _finish(
         self, name: str, result: Awaitable[Any], sender: str, call_id: int | None
     ) -> None:
         try:
             value = await result
+            if inspect.isawaitable(value):  # a sync handler that returned a coroutine
+                value = await value
         except Exception as exc:
             log.exception("handler %r failed on a message from %s", name, sender)
             self._reply(sender, call_id, False, f"{type(exc).__name__}: {exc}")
         else:
             self._reply(sender, call_id, True, value)
+        finally:
+            self._inflight[sender] -= 1
+            if not self._inflight[sender]:
+                del self._inflight[sender]
 
-    def _reply(self, sender: str, call_id: int | None, ok: bool, value: Any) -> None:
+    def _refuse(self, name: str, sender: str, call_id: int | None) -> None:
+        """Too many handler calls from `sender` are running: say Busy, or drop a send."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 1.0:  # an overload must not flood the log too
+            self._refused_logged = now
+            log.warning(
+                "refusing a message for %r from %s: %d of its handler calls are running "
+                "(SHOAL_MAX_INFLIGHT_PER_PEER; %d refused so far)",
+                name,
+                sender,
+                self._inflight[sender],
+                self._refused,
+            )
+        self._reply(
+            sender, call_id, "busy", f"{self.node_name} is busy: too many calls from {sender}"
+        )
+
+    def _worker_threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self._threads, thread_name_prefix="shoal-handler"
+            )
+        return self._executor
+
+    def _reply(self, sender: str, call_id: int | None, ok: bool | str, value: Any) -> None:
         if call_id is None or sender == self.node_name:
             return
         conn = self._mesh.connections.get(sender)
         if conn is None:
             return  # the caller is gone; its call already failed with NodeDown
         try:
-            conn.send([wire.REPLY, call_id, ok, value])
+            data = self._encode([wire.REPLY, call_id, ok, value])
+        except MessageTooLarge as exc:
+            log.warning("reply of handler call %d to %s not sent: %s", call_id, sender, exc)
+            data = self._encode([wire.REPLY, call_id, "too_large", f"the reply: {exc}"])
         except TypeError as exc:
-            conn.send([wire.REPLY, call_id, False, f"reply is not msgpack-serialisable: {exc}"])
+            data = self._encode(
+                [wire.REPLY, call_id, False, f"reply is not msgpack-serialisable: {exc}"]
+            )
+        conn.send_encoded(data)
 
     async def _local_call(self, name: str, payload: Any) -> Any:
-        handler = self._handlers.get(name)
-        if handler is None:
+        entry = self._handlers.get(name)
+        if entry is None:
             raise RemoteError(f"no handler named {name!r} on {self.node_name}")
-        wire.pack(payload)  # same rules as a remote call
-        result = handler(payload, self.node_name)
+        handler, mode = entry
+        if mode == _THREAD:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._worker_threads(), handler, payload, self.node_name
+            )
+        else:
+            result = handler(payload, self.node_name)
         if inspect.isawaitable(result):
             result = await result
+        try:
+            self._encode([wire.REPLY, 0, True, result])  # same rules as a remote call
+        except MessageTooLarge as exc:
+            raise ReplyTooLarge(f"the reply: {exc}") from None
         return result
 
     @property
@@ -281,3 +397,8 @@ class Messaging:
         if self.mesh is None:
             raise NodeDown("the node is not started")
         return self.mesh
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    # Also callable objects whose __call__ is a coroutine function.
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)

@@ -39,7 +39,7 @@ class Node:
         self.settings = settings
         self.name = settings.name
         self.started_at = time.time()
-        self.messaging = Messaging(self.name)
+        self.messaging = Messaging(settings)
         self.mesh: Mesh | None = None
         self.control: ControlServer | None = None
         self._strategy = strategy
@@ -126,6 +126,7 @@ class Node:
         await self.mesh.stop()
         self.mesh = None
         await self.lag.stop()
+        self.messaging.close()
         if self.control is not None:
             await self.control.stop()
             self.control = None
@@ -245,9 +246,12 @@ class Node:
         return self.scheduler.job(schedule, **options)
 
     # messaging -------------------------------------------------------------
-    def register(self, name: str, handler: Handler) -> None:
-        """Make `handler(payload, sender)` reachable from every node under `name`."""
-        self.messaging.register(name, handler)
+    def register(self, name: str, handler: Handler, *, sync_to_thread: bool | None = None) -> None:
+        """Make `handler(payload, sender)` reachable from every node under `name`.
+
+        A sync handler runs in a worker thread unless `sync_to_thread=False`
+        (then it must return at once: it runs on the event loop)."""
+        self.messaging.register(name, handler, sync_to_thread=sync_to_thread)
 
     async def send(self, node: str, handler: str, payload: Any) -> None:
         await self.messaging.send(node, handler, payload)

@@ -24,7 +24,10 @@ is connected to and its first discovery round's dials have settled.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -82,7 +85,7 @@ class SingletonContext:
         return await self._confirm()
 
 
-SingletonFunc = Callable[[SingletonContext], Awaitable[None]]
+SingletonFunc = Callable[[SingletonContext], Awaitable[None] | None]
 
 
 @runtime_checkable
@@ -401,7 +404,10 @@ class Singletons:
     async def _run(self, item: _Singleton, ctx: SingletonContext) -> None:
         logs.bind(singleton=item.name, token=ctx.token)  # this task and those it starts
         try:
-            await item.func(ctx)
+            if _is_async(item.func):
+                await item.func(ctx)  # type: ignore[misc]  # async, so an awaitable
+            else:
+                await _run_in_thread(item.func, ctx)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -700,3 +706,36 @@ def _service_runner(service: Service) -> SingletonFunc:
             await service.stop()
 
     return run
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
+async def _run_in_thread(func: SingletonFunc, ctx: SingletonContext) -> None:
+    """A sync singleton runs in a worker thread, so it may block without stalling the node.
+
+    Its `ctx.is_valid()` asks the event loop (the holder's state lives there);
+    once the loop is gone it answers False. Cancelling (a release) cannot stop
+    the thread: the function stops when `is_valid()` turns False.
+    """
+    loop = asyncio.get_running_loop()
+
+    def valid_from_thread() -> bool:
+        answer: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+        def ask() -> None:
+            try:
+                answer.set_result(ctx.is_valid())
+            except Exception as exc:
+                answer.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(ask)
+            return answer.result(timeout=5.0)
+        except (RuntimeError, concurrent.futures.TimeoutError):  # the loop is closed or stuck
+            return False
+
+    outcome = await asyncio.to_thread(func, dataclasses.replace(ctx, _valid=valid_from_thread))
+    if inspect.isawaitable(outcome):
+        await outcome

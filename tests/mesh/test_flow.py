@@ -31,8 +31,9 @@ async def connected_pair(make_node: NodeFactory) -> tuple[Node, Node]:
 async def test_sends_and_calls_arrive_in_order(make_node: NodeFactory) -> None:
     a, b = await connected_pair(make_node)
     seen: list[int] = []
-    b.register("seq", lambda payload, _sender: seen.append(payload))
-    b.register("last", lambda _payload, _sender: seen[-1] if seen else None)
+    # On the loop: handlers in worker threads (the default) may run in any order.
+    b.register("seq", lambda payload, _sender: seen.append(payload), sync_to_thread=False)
+    b.register("last", lambda _payload, _sender: seen[-1] if seen else None, sync_to_thread=False)
     for i in range(20_000):
         await a.send(b.name, "seq", i)
         if i % 5000 == 4999:  # a call is ordered behind every send before it
@@ -45,7 +46,7 @@ async def test_a_sender_that_never_yields_is_held_back_by_a_slow_reader(
 ) -> None:
     a, b = await connected_pair(make_node)
     received: list[int] = []
-    b.register("sink", lambda payload, _sender: received.append(payload[0]))
+    b.register("sink", lambda payload, _sender: received.append(payload[0]), sync_to_thread=False)
     assert b.mesh is not None and a.mesh is not None
     reader = b.mesh.connection_to(a.name)
     assert reader.transport is not None

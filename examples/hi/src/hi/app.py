@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 
 from hi.jobs import add_hi_job
 from hi.pages import render_page
-from shoal import ConfigError, Node, logs
+from shoal import ConfigError, MessageTooLarge, Node, logs
 from shoal.jobstore import DurableJobs, PostgresJobStore
 
 try:
@@ -67,8 +67,30 @@ def cluster_view(node: Node) -> dict[str, Any]:
     }
 
 
-def create_app(node: Node) -> FastAPI:
-    """The HTTP app for a started (or starting) `node`."""
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it proves longer than `limit` bytes.
+
+    Checked while it streams in (and from Content-Length, before reading), so
+    an oversized body is never held in memory whole.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def create_app(node: Node, max_body: int | None = None) -> FastAPI:
+    """The HTTP app for a started (or starting) `node`.
+
+    `max_body` bounds request bodies (`HI_MAX_BODY_BYTES`); by default the
+    node's frame limit, since a larger event could not be published anyway.
+    """
+    body_limit = node.settings.max_frame_size if max_body is None else max_body
     app = FastAPI(title="hi", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/health")
@@ -97,14 +119,19 @@ def create_app(node: Node) -> FastAPI:
 
     async def event(key: str, request: Request) -> JSONResponse:
         """Publish the event `key` (optional JSON body as its data) to every node."""
-        body = await request.body()
+        body = await read_body(request, body_limit)
+        if body is None:
+            detail = f"the body is larger than {body_limit} bytes (HI_MAX_BODY_BYTES)"
+            return JSONResponse({"detail": detail}, 413)
         try:
             data = json.loads(body) if body else None
-        except ValueError:
+        except (ValueError, RecursionError):
             return JSONResponse({"detail": "the body must be JSON (or empty)"}, 400)
         payload = {"key": key, "data": data, "from": node.name}
         try:
             await node.publish(EVENTS_TOPIC, payload)
+        except MessageTooLarge as exc:
+            return JSONResponse({"detail": f"the event is too large to publish: {exc}"}, 413)
         except TypeError as exc:
             return JSONResponse({"detail": str(exc)}, 400)
         return JSONResponse({"published": payload}, 202)
@@ -186,8 +213,10 @@ class HiServer(uvicorn.Server):
             self.should_exit = True
 
 
-async def serve(node: Node, port: int, job_store_dsn: str | None = None) -> int:
-    """Run the node and its HTTP server until a signal; the exit code.
+async def serve(
+    node: Node, port: int, job_store_dsn: str | None = None, app: FastAPI | None = None
+) -> int:
+    """Run the node and its HTTP server (`create_app(node)` unless given) until a signal.
 
     With ``job_store_dsn`` (SHOAL_JOB_STORE_DSN) the jobs' states are loaded from and
     saved to Postgres, so a restart of the whole cluster keeps the last tick; a node
@@ -206,21 +235,21 @@ async def serve(node: Node, port: int, job_store_dsn: str | None = None) -> int:
             return 1
         log.info("job store: %d job states loaded", loaded)
     try:
-        return await _serve(node, port)
+        return await _serve(node, port, app)
     finally:
         if durable is not None and store is not None:
             await durable.flush()
             await store.close()
 
 
-async def _serve(node: Node, port: int) -> int:
+async def _serve(node: Node, port: int, app: FastAPI | None) -> int:
     try:
         await node.start()
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return 1
     config = uvicorn.Config(
-        create_app(node),
+        app or create_app(node),
         host="0.0.0.0",
         port=port,
         lifespan="off",
@@ -261,17 +290,33 @@ def http_port(env: dict[str, str] | os._Environ[str]) -> int:
     return port
 
 
+def max_body_bytes(env: dict[str, str] | os._Environ[str]) -> int | None:
+    """`HI_MAX_BODY_BYTES`, or None for the default (the node's frame limit)."""
+    text = env.get("HI_MAX_BODY_BYTES")
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"HI_MAX_BODY_BYTES={text!r} is not a whole number.") from None
+    if value < 0:
+        raise ConfigError(f"HI_MAX_BODY_BYTES={value}: expected 0 or more bytes.")
+    return value
+
+
 def main() -> None:
     """Entry point of `.venv/bin/hi`: exit 2 on bad configuration, 1 on other failures."""
     configure_logging(os.environ)
     try:
         node = Node.from_env()
         port = http_port(os.environ)
+        max_body = max_body_bytes(os.environ)
         add_hi_job(node, os.environ)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         sys.exit(2)
-    sys.exit(asyncio.run(serve(node, port, os.environ.get("SHOAL_JOB_STORE_DSN") or None)))
+    dsn = os.environ.get("SHOAL_JOB_STORE_DSN") or None
+    sys.exit(asyncio.run(serve(node, port, dsn, create_app(node, max_body))))
 
 
 if __name__ == "__main__":
