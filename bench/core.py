@@ -40,7 +40,7 @@ PAYLOAD = b"\xa5" * 64
 SERVER_HOST = "127.0.30.10"
 CLIENT_HOST = "127.0.30.11"
 HI_HOST = "127.0.30.2"
-COOKIE = "bench-cookie"
+COOKIE = "bench-cookie-0f1e2d3c4b5a69788796"
 ROOT = Path(__file__).resolve().parents[1]
 
 

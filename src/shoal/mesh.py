@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from shoal import wire
+from shoal import crypto, wire
 from shoal.config import Peer, Settings
 
 log = logging.getLogger("shoal.mesh")
@@ -99,6 +99,9 @@ class Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self._writable = asyncio.Event()
         self._writable.set()
+        # AES-GCM records after the handshake (None: plaintext frames, e.g. under TLS).
+        self._sealer: crypto.Sealer | None = None
+        self._opener: crypto.Opener | None = None
 
     # asyncio.Protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -127,8 +130,10 @@ class Connection(asyncio.Protocol):
             self._handshake_data.set()
             return
         try:
+            if self._opener is not None:
+                data = self._opener.open(data)
             frames = self.decoder.feed(data)
-        except wire.FrameError as exc:
+        except (wire.FrameError, crypto.AuthenticationError) as exc:
             self.mesh.report_bad_peer(self, str(exc))
             self.abort()
             return
@@ -174,7 +179,7 @@ class Connection(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
             if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(data)
+                self._put(data)
                 self.last_sent = time.monotonic()
             return
         self._out.append(data)
@@ -192,10 +197,18 @@ class Connection(asyncio.Protocol):
     def _write_out(self) -> None:
         out = self._out
         if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            self._put(b"".join(out) if len(out) > 1 else out[0])
             self.last_sent = time.monotonic()
         out.clear()
         self._out_size = 0
+
+    def _put(self, data: bytes) -> None:
+        """Hand bytes to the transport, sealed into one record when encryption is on."""
+        assert self.transport is not None
+        if self._sealer is None:
+            self.transport.write(data)
+        else:
+            self.transport.writelines(self._sealer.seal(data))
 
     async def drain(self) -> None:
         """Wait while the peer is slower than us (bounded memory for senders)."""
@@ -216,8 +229,20 @@ class Connection(asyncio.Protocol):
 
     def reject(self, reason: str) -> None:
         """Tell an unauthenticated peer why the handshake failed, then close."""
-        self.send(wire.reject(reason))
+        self.send_handshake(wire.reject(reason))
         self.close()
+
+    def send_handshake(self, frame: Any) -> None:
+        """Write a handshake frame now, in plaintext, ahead of anything sealed later."""
+        self._write_out()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(wire.encode_frame(frame))
+            self.last_sent = time.monotonic()
+
+    def secure(self, send_key: bytes, receive_key: bytes) -> None:
+        """From now on every byte sent and received is an AES-GCM record."""
+        self._sealer = crypto.Sealer(send_key)
+        self._opener = crypto.Opener(receive_key)
 
     # handshake -------------------------------------------------------------
     async def next_handshake_frame(self) -> Any:
@@ -245,8 +270,11 @@ class Connection(asyncio.Protocol):
             self._resume_reading()
         if self.decoder.pending:
             try:
-                frames = self.decoder.feed()
-            except wire.FrameError as exc:
+                if self._opener is not None:
+                    frames = self.decoder.feed(self._opener.open(self.decoder.take_pending()))
+                else:
+                    frames = self.decoder.feed()
+            except (wire.FrameError, crypto.AuthenticationError) as exc:
                 self.mesh.report_bad_peer(self, str(exc))
                 self.abort()
                 return
@@ -284,6 +312,8 @@ class Mesh:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._server_ssl, self._client_ssl = _tls_contexts(settings)
+        # TLS already encrypts; otherwise AES-GCM records, unless turned off (benchmarks).
+        self._encrypt = settings.tls is None and settings.mesh_encryption
 
     # lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -412,23 +442,23 @@ class Mesh:
             self.incarnation,
             wire.new_nonce(),
             peer.name,
+            self._encrypt,
         )
-        conn.send(hello.to_wire())
+        conn.send_handshake(hello.to_wire())
         challenge = wire.parse_challenge(await conn.next_handshake_frame())
         if challenge.name != peer.name:
             conn.reject("wrong node")
-            raise wire.HandshakeError(f"expected {peer.name}, found {challenge.name}")
-        try:
-            wire.verify_challenge(self._key, hello, challenge)
-        except wire.HandshakeError:
-            # Say so, so that the acceptor logs the failure as well as we do.
-            conn.reject("cookie")
-            raise
-        conn.send(wire.make_proof(self._key, hello, challenge))
-        wire.parse_welcome(await conn.next_handshake_frame())
+            raise wire.HandshakeError(f"expected {peer.name}, found {wire.safe(challenge.name)}")
+        conn.send_handshake(wire.make_proof(self._key, hello, challenge))
+        wire.verify_welcome(self._key, hello, challenge, await conn.next_handshake_frame())
         if peer.name in self._superseded or peer.name in self.connections or self._stopping:
             conn.close()
             return
+        if self._encrypt:
+            to_acceptor, to_dialer = wire.session_keys(
+                self._key, hello, challenge.name, challenge.incarnation, challenge.nonce
+            )
+            conn.secure(to_acceptor, to_dialer)
         self._establish(conn, challenge.name, challenge.incarnation, peer.host, peer.port)
 
     # accepting -------------------------------------------------------------
@@ -508,16 +538,29 @@ class Mesh:
             raise
         conn.claimed_name = hello.name
         nonce = wire.new_nonce()
-        conn.send(wire.make_challenge(self._key, hello, self.name, self.incarnation, nonce))
-        wire.verify_proof(
-            self._key, hello, self.name, self.incarnation, nonce, await conn.next_handshake_frame()
-        )
+        # Only our name and nonce: we prove nothing until the dialer has.
+        conn.send_handshake(wire.make_challenge(self.name, self.incarnation, nonce))
+        try:
+            wire.verify_proof(
+                self._key,
+                hello,
+                self.name,
+                self.incarnation,
+                nonce,
+                await conn.next_handshake_frame(),
+            )
+        except wire.HandshakeError as exc:
+            if "cookie proof" in str(exc):
+                conn.reject("cookie")
+            raise
         basename = hello.name.partition("@")[0]
         reason = None
         if hello.expected is not None and hello.expected != self.name:
             reason = "wrong node"
         elif basename != self.settings.name_query:
             reason = "basename not in cluster"
+        elif hello.encrypt != self._encrypt:
+            reason = "encryption setting differs (SHOAL_TLS_* or mesh encryption)"
         elif self._stopping:
             reason = "stopping"
         else:
@@ -526,7 +569,12 @@ class Mesh:
             log.debug("rejecting %s from %s: %s", hello.name, conn.address, reason)
             conn.reject(reason)
             return
-        conn.send({"t": "welcome"})
+        conn.send_handshake(wire.make_welcome(self._key, hello, self.name, self.incarnation, nonce))
+        if self._encrypt:
+            to_acceptor, to_dialer = wire.session_keys(
+                self._key, hello, self.name, self.incarnation, nonce
+            )
+            conn.secure(to_dialer, to_acceptor)
         self._establish(
             conn, hello.name, hello.incarnation, hello.name.partition("@")[2], hello.port
         )

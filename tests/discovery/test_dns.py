@@ -21,7 +21,7 @@ NAME = "hi.service.local"
 
 def settings(dns: LocalDNSServer, **overrides: object) -> Settings:
     return Settings(
-        cookie="secret",
+        cookie="discovery-test-cookie-6b1f0e3a9c2d4e87",
         basename="hi",
         name_query="hi",
         host="127.0.0.2",

@@ -18,7 +18,7 @@ from shoal.config import Peer, Settings, TLSFiles
 from shoal.discovery.base import Propose
 from shoal.node import Node
 
-COOKIE = "test-cookie-mesh-20"
+COOKIE = "test-cookie-mesh-20-a7b6c5d4e3f21098"
 # 127.0.20.0/24 is this directory's range; other tests use other ranges.
 _HOSTS = itertools.cycle(f"127.0.20.{i}" for i in range(2, 250))
 

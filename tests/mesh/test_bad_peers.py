@@ -272,7 +272,7 @@ async def test_wrong_cookie_node_never_joins_and_is_logged(
 ) -> None:
     since = len(pair.latencies)
     good = pair.b
-    intruder = await make_node([peer_of(good)], cookie="another-cookie")
+    intruder = await make_node([peer_of(good)], cookie="another-cookie-a1b2c3d4e5f60718293a")
     assert good.mesh is not None
     good.mesh.propose([peer_of(intruder)])  # and the good node dials the intruder too
 

@@ -10,7 +10,8 @@ are dropped before anything in them is believed.
 
 Datagram layout: `b"SHG1"` + 32-byte tag + msgpack payload, where
 `tag = HMAC-SHA256(key, b"SHG1" + payload)` and
-`key = HMAC-SHA256(cookie, b"shoal gossip v1")`.
+`key = scrypt(cookie)` (`shoal.crypto.stretch`: slow, so a captured beacon
+does not help guess the cookie).
 
 Several nodes on one machine (loopback aliases 127.0.0.x, or containers
 sharing a host network) share the group: the socket is bound with
@@ -38,6 +39,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
+from shoal import crypto
 from shoal.config import Peer, Settings
 from shoal.discovery.base import Propose
 from shoal.ratelimit import RateLimitedLog
@@ -61,7 +63,7 @@ RECENT_INTERVALS = 3
 
 def gossip_key(cookie: str) -> bytes:
     """The beacon key: derived from the cookie so the cookie is never used directly."""
-    return hmac.new(cookie.encode(), b"shoal gossip v1", hashlib.sha256).digest()
+    return crypto.stretch(cookie, b"gossip")
 
 
 @dataclass(frozen=True)
