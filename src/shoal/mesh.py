@@ -13,7 +13,6 @@ and both sides reach the same decision without another round trip.
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import logging
 import ssl
@@ -22,17 +21,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from shoal import crypto, wire
+from shoal import admission, crypto, wire
 from shoal.config import Peer, Settings
 
 log = logging.getLogger("shoal.mesh")
 
-# At most this many unauthenticated connections at once; more are refused so a
-# flood of half-open handshakes cannot exhaust memory or file descriptors.
-MAX_PENDING_HANDSHAKES = 256
-# ... and at most this many from one address, so that one flooding host cannot
-# keep other nodes from joining.
-MAX_PENDING_HANDSHAKES_PER_HOST = 32
+# Caps on unauthenticated connections (total, per address): see shoal.admission.
+MAX_PENDING_HANDSHAKES = admission.MAX_PENDING_HANDSHAKES
+MAX_PENDING_HANDSHAKES_PER_HOST = admission.MAX_PENDING_HANDSHAKES_PER_HOST
 # Write buffer above which senders wait (`drain`) instead of queueing more.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
 # Frames queued in one loop iteration are written together, in writes of about
@@ -83,6 +79,7 @@ class Connection(asyncio.Protocol):
         self.address = "?"
         self.established = False
         self.leaving = False
+        self.evicted = False  # its handshake slot went to another connection
         self.transport: asyncio.Transport | None = None
         self.decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_FRAME)
         loop = asyncio.get_running_loop()
@@ -298,15 +295,15 @@ class Mesh:
         self.settings = settings
         self.name = settings.name
         self.incarnation = wire.new_incarnation()
-        self._key = wire.cookie_key(settings.cookie)
+        self._key = b""  # wire.cookie_key(cookie), computed off the loop by `start`
         self._on_frame = on_frame
         self._on_event = on_event
         self.connections: dict[str, Connection] = {}
         self._dialing: dict[str, asyncio.Task[None]] = {}
         self._superseded: set[str] = set()
-        self._handshaking: collections.Counter[str] = collections.Counter()  # by host
-        self._refused = 0
-        self._refused_logged = -1.0
+        self.admission = admission.HandshakeAdmission()
+        self._bad_peer_logged = -1.0
+        self._bad_peer_quiet = 0
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -318,6 +315,9 @@ class Mesh:
     # lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # scrypt takes tens of ms (more on a loaded machine); in a thread it does
+        # not stall other nodes or an app sharing this loop. Cached afterwards.
+        self._key = await asyncio.to_thread(wire.cookie_key, self.settings.cookie)
         try:
             self._server = await loop.create_server(
                 lambda: self._accepted(),
@@ -375,6 +375,13 @@ class Mesh:
                 continue
             if peer.name in self.connections or peer.name in self._dialing:
                 continue
+            if len(self._dialing) >= admission.MAX_CONCURRENT_DIALS:
+                log.debug(
+                    "%d dials in progress; %s waits for a later round",
+                    len(self._dialing),
+                    peer.name,
+                )
+                break
             task = asyncio.create_task(self._dial(peer), name=f"shoal-dial-{peer.name}")
             self._dialing[peer.name] = task
             task.add_done_callback(functools.partial(self._dial_done, peer.name))
@@ -472,41 +479,39 @@ class Mesh:
     async def _acceptor_handshake(self, conn: Connection) -> None:
         await conn.made  # the task starts before the transport calls connection_made
         host = conn.address.rpartition(":")[0]
-        if (
-            self._handshaking.total() >= MAX_PENDING_HANDSHAKES
-            or self._handshaking[host] >= MAX_PENDING_HANDSHAKES_PER_HOST
-        ):
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._refused_logged >= 1.0:  # a flood must not flood the log too
-                self._refused_logged = now
-                log.warning(
-                    "refusing %s: too many handshakes in progress (%d refused so far)",
-                    conn.address,
-                    self._refused,
-                )
+        task = asyncio.current_task()
+        assert task is not None
+        slot = self.admission.admit(host, conn.address, functools.partial(self._evict, conn, task))
+        if slot is None:
             conn.abort()
             return
-        self._handshaking[host] += 1
         try:
             async with asyncio.timeout(self.settings.handshake_timeout):
                 if self._server_ssl is not None:
                     await self._start_tls(conn, self._server_ssl)
                 await self._acceptor_steps(conn)
+        except asyncio.CancelledError:
+            if not conn.evicted:
+                raise
+            conn.abort()
         except TimeoutError:
             self.report_bad_peer(conn, "handshake did not finish in time")
             conn.abort()
         except (wire.HandshakeError, OSError) as exc:
             if isinstance(exc, wire.HandshakeError) and str(exc) == CLOSED_DURING_HANDSHAKE:
-                log.info("peer at %s left during the handshake", conn.address)
+                log.debug("peer at %s left during the handshake", conn.address)
             else:
                 self.report_bad_peer(conn, str(exc))
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.abort()
         finally:
-            self._handshaking[host] -= 1
-            if not self._handshaking[host]:
-                del self._handshaking[host]
+            self.admission.release(slot)
+
+    def _evict(self, conn: Connection, task: asyncio.Task[None]) -> None:
+        """Admission gave this pending handshake's slot to a newcomer: drop it."""
+        conn.evicted = True
+        conn.abort()
+        task.cancel()
 
     async def _start_tls(self, conn: Connection, context: ssl.SSLContext) -> None:
         assert conn.transport is not None
@@ -652,31 +657,47 @@ class Mesh:
             raise wire.FrameError("malformed message")
 
     def _learn_members(self, frame: list[Any]) -> None:
+        """Dial the members a peer knows, within the dial policy (shoal.admission)."""
         if len(frame) != 2 or not isinstance(frame[1], list) or len(frame[1]) > 10_000:
             raise wire.FrameError("malformed MEMBERS")
         peers = []
-        for item in frame[1]:
+        for item in frame[1][: admission.MAX_LEARNED_PEERS]:
             if (
-                isinstance(item, list)
+                type(item) is list
                 and len(item) == 3
-                and isinstance(item[0], str)
-                and isinstance(item[1], str)
-                and isinstance(item[2], int)
-                and item[0].count("@") == 1
-                and 0 < item[2] < 65536
+                and type(item[0]) is str
+                and type(item[1]) is str
+                and item[2] == self.settings.port  # our mesh port, never another
+                and type(item[2]) is int
             ):
-                basename = item[0].partition("@")[0]
-                peers.append(Peer(basename, item[1], item[2]))
+                basename, _, host = item[0].partition("@")
+                if (
+                    basename == self.settings.name_query
+                    and host == item[1]
+                    and admission.learned_address_allowed(host, self.settings.host)
+                ):
+                    peers.append(Peer(basename, host, self.settings.port))
         self.propose(peers)
 
     def report_bad_peer(self, conn: Connection, why: str) -> None:
+        """Log a dropped peer; unauthenticated ones at most once per second (floods)."""
         if conn.peer_name is not None:
-            who = conn.peer_name
-        elif conn.claimed_name is not None:
+            log.warning("dropping %s at %s: %s", conn.peer_name, conn.address, why)
+            return
+        if conn.claimed_name is not None:
+            # Names in HELLO are printable without spaces (wire.parse_hello): safe to log.
             who = f"unauthenticated peer (claiming to be {conn.claimed_name})"
         else:
             who = "unauthenticated peer"
-        log.warning("dropping %s at %s: %s", who, conn.address, why)
+        now = time.monotonic()
+        if now - self._bad_peer_logged < 1.0:
+            self._bad_peer_quiet += 1
+            log.debug("dropping %s at %s: %s", who, conn.address, why)
+            return
+        quiet = self._bad_peer_quiet
+        self._bad_peer_logged, self._bad_peer_quiet = now, 0
+        more = f" ({quiet} more unauthenticated peers dropped in the last second)" if quiet else ""
+        log.warning("dropping %s at %s: %s%s", who, conn.address, why, more)
 
     # failure detection -----------------------------------------------------
     async def _tick(self) -> None:

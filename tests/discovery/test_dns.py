@@ -78,6 +78,19 @@ async def test_aaaa_records_are_proposed(dns_server: LocalDNSServer, poll: Runni
     )
 
 
+@pytest.mark.parametrize("silent", ["AAAA", "A"])
+async def test_a_type_that_is_never_answered_keeps_the_other(
+    dns_server: LocalDNSServer, poll: Running, silent: str
+) -> None:
+    # A nameserver that drops AAAA queries (or A) must not disable discovery.
+    dns_server.set_records(NAME, ["127.0.0.9", "fd00::7"])
+    dns_server.silent_types.add(silent)
+    expected = peers("fd00::7") if silent == "A" else peers("127.0.0.9")
+    rounds = await poll.next_rounds(3)
+    assert rounds[-1] == expected, rounds
+    assert dns_server.query_count() > dns_server.query_count(NAME)  # some were dropped
+
+
 @pytest.mark.parametrize("mode", ["servfail", "nxdomain", "timeout"])
 async def test_failures_propose_nothing_and_polling_goes_on(
     dns_server: LocalDNSServer, poll: Running, mode: str, caplog: pytest.LogCaptureFixture

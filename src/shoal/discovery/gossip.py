@@ -40,6 +40,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 from shoal import crypto
+from shoal.admission import MAX_LEARNED_PEERS, learned_address_allowed
 from shoal.config import Peer, Settings
 from shoal.discovery.base import Propose
 from shoal.ratelimit import RateLimitedLog
@@ -126,6 +127,8 @@ def decode_beacon(key: bytes, data: bytes, now: float | None = None) -> Beacon:
         and 0 < fields[2] < 65536
         and 0 < len(fields[0]) <= 64
         and "@" not in fields[0]
+        and fields[0].isprintable()
+        and not any(c.isspace() for c in fields[0])
     ):
         raise BeaconError("malformed", "unexpected payload fields")
     try:
@@ -230,7 +233,17 @@ class GossipStrategy:
                 self.settings.name_query,
             )
             return
-        self._heard[Peer(beacon.basename, beacon.host, beacon.port)] = time.monotonic()
+        if beacon.port != self.settings.port or not learned_address_allowed(
+            beacon.host, self.settings.host
+        ):
+            # Dial policy (shoal.admission): our mesh port only, no loopback etc.
+            self._drop("policy", addr, f"will not dial {beacon.host}:{beacon.port}")
+            return
+        peer = Peer(beacon.basename, beacon.host, beacon.port)
+        if peer not in self._heard and len(self._heard) >= MAX_LEARNED_PEERS:
+            self._drop("too-many", addr, f"already {len(self._heard)} peers heard")
+            return
+        self._heard[peer] = time.monotonic()
 
     def _fresh_nonce(self, beacon: Beacon) -> bool:
         now = time.monotonic()
