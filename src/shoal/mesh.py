@@ -558,6 +558,12 @@ class Mesh:
             if "cookie proof" in str(exc):
                 conn.reject("cookie")
             raise
+        dialing = self._dialing.get(hello.name)
+        if dialing is not None and self.name < hello.name:
+            # Our own dial to this peer would win, but it may never get through (the
+            # peer may be flooded): let it finish first, then decide. The peer does
+            # not wait for us (it supersedes its dial), so this cannot deadlock.
+            await asyncio.wait([dialing])
         basename = hello.name.partition("@")[0]
         reason = None
         if hello.expected is not None and hello.expected != self.name:
