@@ -143,7 +143,7 @@ class Settings:
         if not 1 <= self.gossip_ttl <= 255:
             raise ConfigError(f"SHOAL_GOSSIP_TTL={self.gossip_ttl}: a TTL is between 1 and 255.")
         if self.dns_server is not None:
-            _check_ip("SHOAL_DNS_SERVER", self.dns_server[0])
+            _check_host("SHOAL_DNS_SERVER", self.dns_server[0])
             _check_port("SHOAL_DNS_SERVER", self.dns_server[1])
         if self.lease_dsn is not None:
             _check_dsn("SHOAL_LEASE_DSN", self.lease_dsn)
@@ -388,13 +388,6 @@ def _check_multicast(var: str, text: str) -> None:
         raise ConfigError(f"{var}={text!r} is not an IP address.") from None
     if not address.is_multicast:
         raise ConfigError(f"{var}={text}: expected a multicast group (224.0.0.0/4 or ff00::/8).")
-
-
-def _check_ip(var: str, text: str) -> None:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        raise ConfigError(f"{var}={text!r}: expected `address:port` with an IP address.") from None
 
 
 def _check_dsn(var: str, dsn: str) -> None:
