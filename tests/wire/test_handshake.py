@@ -20,14 +20,16 @@ from hypothesis import strategies as st
 from shoal import wire
 from tests.wire.strategies import msgpack_values
 
-# scrypt makes every key cost tens of ms: a few cookies, each stretched once (cached).
-cookies = st.sampled_from(
-    [
-        "property-cookie-one-0f1e2d3c4b5a6978",
-        "property-cookie-two-8796a5b4c3d2e1f0",
-        "property-cookie-three-5a4b3c2d1e0f9e8d",
-    ]
-)
+# scrypt makes every key cost tens of ms (more on a loaded machine): a few cookies,
+# stretched once here, before any example runs against hypothesis's deadline.
+COOKIES = [
+    "property-cookie-one-0f1e2d3c4b5a6978",
+    "property-cookie-two-8796a5b4c3d2e1f0",
+    "property-cookie-three-5a4b3c2d1e0f9e8d",
+]
+for _cookie in COOKIES:
+    wire.cookie_key(_cookie)
+cookies = st.sampled_from(COOKIES)
 # Node names are printable and have no spaces (parse_hello refuses others).
 _name_chars = st.characters(whitelist_categories=("L", "N", "P", "S"), blacklist_characters="@")
 names = st.builds(
@@ -300,7 +302,7 @@ def test_the_cookie_never_appears_in_what_is_sent() -> None:
     assert cookie not in wire.cookie_fingerprint(cookie)
 
 
-@settings(max_examples=10)
+@settings(max_examples=10, deadline=None)  # each new cookie costs one scrypt
 @given(st.text(max_size=40))
 def test_any_cookie_string_gives_a_key_even_with_surrogate_escapes(cookie: str) -> None:
     # RELEASE_COOKIE bytes that are not UTF-8 arrive as surrogate escapes.
