@@ -172,13 +172,18 @@ class Connection(asyncio.Protocol):
         if not self._flush_scheduled:
             # The first frame of this loop iteration goes out at once (a lone
             # call or reply waits for nothing); the ones that follow it in the
-            # same iteration are batched into one write by `_flush`.
+            # same iteration are batched into one write by `_flush`. Encrypted,
+            # it waits for them instead: one record (one seal) per iteration.
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-            if self.transport is not None and not self.transport.is_closing():
+            if (
+                self._sealer is None
+                and self.transport is not None
+                and not self.transport.is_closing()
+            ):
                 self._put(data)
                 self.last_sent = time.monotonic()
-            return
+                return
         self._out.append(data)
         self._out_size += len(data)
         if self._out_size >= WRITE_BATCH:
