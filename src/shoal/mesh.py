@@ -567,8 +567,9 @@ class Mesh:
         if dialing is not None and self.name < hello.name:
             # Our own dial to this peer would win, but it may never get through (the
             # peer may be flooded): let it finish first, then decide. The peer does
-            # not wait for us (it supersedes its dial), so this cannot deadlock.
-            await asyncio.wait([dialing])
+            # not wait for us (it supersedes its dial), so this cannot deadlock;
+            # bounded well inside our own deadline for this handshake.
+            await asyncio.wait([dialing], timeout=self.settings.handshake_timeout / 2)
         basename = hello.name.partition("@")[0]
         reason = None
         if hello.expected is not None and hello.expected != self.name:
