@@ -16,6 +16,12 @@ For 64-byte payloads it measures, in one run, side by side:
 
 Targets (issue 2): one-way >= 1.0x pyzmq; call p50 <= 1.5x raw echo;
 hi RSS <= 60 MB; hi start-to-ready <= 1.5 s. Loopback addresses 127.0.30.x.
+
+shoal runs with its default AES-GCM mesh encryption; each round also runs it
+with encryption off (`mesh_encryption=False`), and the cost of encryption is
+reported as ratios (issue 11 target: one-way throughput >= 0.85x, i.e. at
+most 15 % less with encryption), of wall-clock throughput and of messages per
+CPU-second of both processes (steadier on a shared machine).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ PAYLOAD = b"\xa5" * 64
 SERVER_HOST = "127.0.30.10"
 CLIENT_HOST = "127.0.30.11"
 HI_HOST = "127.0.30.2"
-COOKIE = "bench-cookie"
+COOKIE = "bench-cookie-0f1e2d3c4b5a69788796"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,11 +63,17 @@ def report(result: dict[str, Any]) -> None:
 # --- shoal --------------------------------------------------------------------
 
 
-def shoal_settings(host: str, port: int) -> Any:
+def shoal_settings(host: str, port: int, encrypt: int = 1) -> Any:
     from shoal.config import Settings
 
     return Settings(
-        cookie=COOKIE, basename="bench", name_query="bench", host=host, port=port, topology="static"
+        cookie=COOKIE,
+        basename="bench",
+        name_query="bench",
+        host=host,
+        port=port,
+        topology="static",
+        mesh_encryption=bool(encrypt),
     )
 
 
@@ -74,10 +86,10 @@ class Once:
         await asyncio.Event().wait()
 
 
-async def shoal_server(port: int) -> None:
+async def shoal_server(port: int, encrypt: int = 1) -> None:
     from shoal.node import Node
 
-    node = Node(shoal_settings(SERVER_HOST, port), Once([]))
+    node = Node(shoal_settings(SERVER_HOST, port, encrypt), Once([]))
     count = 0
 
     def sink(_payload: Any, _sender: str) -> None:
@@ -88,6 +100,7 @@ async def shoal_server(port: int) -> None:
     node.register("sink", sink, sync_to_thread=False)
     node.register("count", lambda _payload, _sender: count, sync_to_thread=False)
     node.register("echo", lambda payload, _sender: payload, sync_to_thread=False)
+    node.register("cpu", lambda _payload, _sender: time.process_time(), sync_to_thread=False)
     await node.start()
     report({"ready": True})
     await until_terminated()
@@ -100,12 +113,12 @@ async def until_terminated() -> None:
     await stop.wait()
 
 
-async def shoal_client(server_port: int, messages: int, calls: int) -> None:
+async def shoal_client(server_port: int, messages: int, calls: int, encrypt: int = 1) -> None:
     from shoal.config import Peer
     from shoal.node import Node
 
     server = Peer("bench", SERVER_HOST, server_port)
-    node = Node(shoal_settings(CLIENT_HOST, free_port(CLIENT_HOST)), Once([server]))
+    node = Node(shoal_settings(CLIENT_HOST, server_port, encrypt), Once([server]))
     await node.start()
     deadline = time.monotonic() + 10
     while server.name not in node.nodes():
@@ -117,11 +130,15 @@ async def shoal_client(server_port: int, messages: int, calls: int) -> None:
     for _ in range(min(messages, 20_000)):
         await send(peer, "sink", PAYLOAD)
     base = await call(peer, "count", None, timeout=60)
-    started = time.perf_counter()
+    server_cpu = await call(peer, "cpu", None)
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(messages):
         await send(peer, "sink", PAYLOAD)
     received = await call(peer, "count", None, timeout=120)
     elapsed = time.perf_counter() - started
+    # CPU time of both processes: on a busy machine, wall-clock throughput also
+    # measures the neighbours; CPU per message measures only us.
+    cpu = time.process_time() - cpu + await call(peer, "cpu", None) - server_cpu
     assert received - base == messages, (received, base, messages)
     # Round trips.
     for _ in range(min(calls, 1000)):
@@ -131,7 +148,13 @@ async def shoal_client(server_port: int, messages: int, calls: int) -> None:
         t0 = time.perf_counter()
         await call(peer, "echo", PAYLOAD)
         latencies.append(time.perf_counter() - t0)
-    report({"oneway_per_s": messages / elapsed, **percentiles(latencies)})
+    report(
+        {
+            "oneway_per_s": messages / elapsed,
+            "oneway_per_cpu_s": messages / cpu,
+            **percentiles(latencies),
+        }
+    )
     await node.stop()
 
 
@@ -364,24 +387,27 @@ def main() -> None:
 
     # Rounds interleave shoal and the baselines, so that both see the same
     # machine (other work on it shows up as noise); medians are reported.
-    rounds: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+    rounds: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]] = []
     for r in range(args.rounds):
         port = free_port(SERVER_HOST)
-        shoal = run_pair(["shoal-server", port], ["shoal-client", port, n, calls])
+        shoal = run_pair(["shoal-server", port, 1], ["shoal-client", port, n, calls, 1])
+        port = free_port(SERVER_HOST)
+        plain = run_pair(["shoal-server", port, 0], ["shoal-client", port, n, calls, 0])
         port, back = free_port(SERVER_HOST), free_port(SERVER_HOST)
         zmq = run_pair(["zmq-server", port, back, n], ["zmq-client", port, back, n])
         port = free_port(SERVER_HOST)
         echo = run_pair(["echo-server", port], ["echo-client", port, calls])
-        rounds.append((shoal, zmq, echo))
+        rounds.append((shoal, zmq, echo, plain))
         print(
             f"  round {r + 1}: shoal {shoal['oneway_per_s']:,.0f}/s, p50 {shoal['p50_us']:.0f} us"
-            f", p99 {shoal['p99_us']:.0f} us | pyzmq {zmq['oneway_per_s']:,.0f}/s | echo p50 "
+            f", p99 {shoal['p99_us']:.0f} us | unencrypted {plain['oneway_per_s']:,.0f}/s, "
+            f"p50 {plain['p50_us']:.0f} us | pyzmq {zmq['oneway_per_s']:,.0f}/s | echo p50 "
             f"{echo['p50_us']:.0f} us, p99 {echo['p99_us']:.0f} us",
             flush=True,
         )
-    shoal, zmq, echo = (
+    shoal, zmq, echo, plain = (
         {key: statistics.median(r[i][key] for r in rounds) for key in rounds[0][i]}
-        for i in range(3)
+        for i in range(4)
     )
     hi = measure_hi()
     print(f"medians of {args.rounds} rounds:")
@@ -410,6 +436,34 @@ def main() -> None:
             f"{shoal['p99_us']:.0f} us",
             f"{echo['p99_us']:.0f} us (asyncio echo)",
             f"{shoal['p99_us'] / echo['p99_us']:.2f}x",
+            "-",
+            None,
+        ),
+    ]
+    encrypted_ratio = shoal["oneway_per_s"] / plain["oneway_per_s"]
+    cpu_ratio = shoal["oneway_per_cpu_s"] / plain["oneway_per_cpu_s"]
+    rows += [
+        (
+            "one-way msgs per CPU-s, enc. vs not",
+            f"{shoal['oneway_per_cpu_s']:,.0f}",
+            f"{plain['oneway_per_cpu_s']:,.0f} (encryption off)",
+            f"{cpu_ratio:.2f}x",
+            ">= 0.85x",
+            cpu_ratio >= 0.85,
+        ),
+        (
+            "one-way, encrypted vs not",
+            f"{shoal['oneway_per_s']:,.0f}",
+            f"{plain['oneway_per_s']:,.0f} (encryption off)",
+            f"{encrypted_ratio:.2f}x",
+            ">= 0.85x",
+            encrypted_ratio >= 0.85,
+        ),
+        (
+            "call p50, encrypted vs not",
+            f"{shoal['p50_us']:.0f} us",
+            f"{plain['p50_us']:.0f} us (encryption off)",
+            f"{shoal['p50_us'] / plain['p50_us']:.2f}x",
             "-",
             None,
         ),

@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the frame decoder and the handshake parsers (atheris).
+"""Coverage-guided fuzzing of the frame decoder, the handshake parsers and the record layer.
 
     .venv/bin/python bench/fuzz_wire.py -max_total_time=300        # 5 minutes
     .venv/bin/python bench/fuzz_wire.py -runs=20000 corpus_dir/    # keep a corpus
@@ -7,7 +7,11 @@ Each input is split into chunks (sizes taken from its first bytes) and fed to a
 `FrameDecoder`, first with the handshake limit, then with a larger one; every
 decoded frame goes through every handshake parser. The only exceptions allowed
 are `FrameError` and `HandshakeError`; the decoder's buffer must never exceed
-one frame (limit + 4-byte header). Anything else is a crash, and libFuzzer
+one frame (limit + 4-byte header). The same chunks also go to a record
+`Opener` (the encrypted layer after the handshake), which may only raise
+`AuthenticationError` and buffer at most one record; a valid record, sealed
+by the matching key, is seeded so the fuzzer also mutates real ciphertext.
+Anything else is a crash, and libFuzzer
 writes the input that caused it to `crash-*` in the current directory.
 """
 
@@ -23,32 +27,36 @@ from typing import Any
 
 import atheris
 
-from shoal import wire
+from shoal import crypto, wire
 
 
-def _instrument_wire() -> None:
-    """Coverage-instrument shoal.wire only (instrumenting its imports takes seconds)."""
-    for value in list(vars(wire).values()):
-        if inspect.isfunction(value) and value.__module__ == wire.__name__:
+def _instrument(module: Any) -> None:
+    """Coverage-instrument one module only (instrumenting its imports takes seconds)."""
+    for value in list(vars(module).values()):
+        if inspect.isfunction(value) and value.__module__ == module.__name__:
             atheris.instrument_func(value)
-        elif inspect.isclass(value) and value.__module__ == wire.__name__:
+        elif inspect.isclass(value) and value.__module__ == module.__name__:
             for member in vars(value).values():
                 if inspect.isfunction(member):
                     atheris.instrument_func(member)
 
 
-_instrument_wire()
+_instrument(wire)
+_instrument(crypto)
 
-KEY = wire.cookie_key("fuzz-cookie")
+KEY = wire.cookie_key("fuzz-cookie-0f1e2d3c4b5a69788796a5b4")
 HELLO = wire.Hello(wire.PROTOCOL_VERSION, "a@127.0.0.1", 4370, b"i" * 8, b"n" * 32, "b@127.0.0.1")
+CHALLENGE = wire.Challenge("b@127.0.0.1", b"j" * 8, b"m" * 32)
+RECORD_KEY, _ = wire.session_keys(
+    KEY, HELLO, CHALLENGE.name, CHALLENGE.incarnation, CHALLENGE.nonce
+)
 
 
 def parse_everything(frame: Any) -> None:
     parsers = (
         wire.parse_hello,
         wire.parse_challenge,
-        wire.parse_welcome,
-        lambda m: wire.verify_challenge(KEY, HELLO, wire.parse_challenge(m)),
+        lambda m: wire.verify_welcome(KEY, HELLO, CHALLENGE, m),
         lambda m: wire.verify_proof(KEY, HELLO, "b@127.0.0.1", b"j" * 8, b"m" * 32, m),
     )
     for parse in parsers:
@@ -78,6 +86,15 @@ def decode(data: bytes, limit: int) -> None:
     except wire.FrameError:
         if decoder.pending:
             raise AssertionError("a failed decoder kept its buffer") from None
+    opener = crypto.Opener(RECORD_KEY)
+    try:
+        for chunk in chunks:
+            opener.open(chunk)
+            if opener.pending > crypto.MAX_RECORD + crypto.HEADER.size:
+                raise AssertionError(f"opener holds {opener.pending} bytes")
+    except crypto.AuthenticationError:
+        if opener.pending:
+            raise AssertionError("a failed opener kept its buffer") from None
 
 
 def test_one_input(data: bytes) -> None:
@@ -87,12 +104,12 @@ def test_one_input(data: bytes) -> None:
 
 def seed_corpus() -> str:
     """A temporary corpus of valid handshake streams, so the fuzzer starts deep."""
-    challenge = wire.make_challenge(KEY, HELLO, "b@127.0.0.1", b"j" * 8, b"m" * 32)
+    challenge = wire.make_challenge(CHALLENGE.name, CHALLENGE.incarnation, CHALLENGE.nonce)
     messages: list[Any] = [
         HELLO.to_wire(),
         challenge,
-        wire.make_proof(KEY, HELLO, wire.parse_challenge(challenge)),
-        {"t": "welcome"},
+        wire.make_proof(KEY, HELLO, CHALLENGE),
+        wire.make_welcome(KEY, HELLO, CHALLENGE.name, CHALLENGE.incarnation, CHALLENGE.nonce),
         wire.reject("version"),
         [wire.SEND, "handler", {"payload": [1, 2.5, b"x", None]}],
     ]
@@ -102,6 +119,10 @@ def seed_corpus() -> str:
             f.write(b"\x00" + wire.encode_frame(message))  # no chunk sizes, one chunk
     with open(os.path.join(directory, "seed-all"), "wb") as f:
         f.write(b"\x00" + b"".join(wire.encode_frame(m) for m in messages))
+    with open(os.path.join(directory, "seed-records"), "wb") as f:
+        sealer = crypto.Sealer(RECORD_KEY)
+        records = sealer.seal(wire.encode_frame(messages[-1])) + sealer.seal(b"x" * 100)
+        f.write(b"\x00" + b"".join(records))
     return directory
 
 

@@ -1,6 +1,6 @@
 """`shoal`: look up discovery DNS and talk to a running node through its control socket.
 
-Every command except `lookup` asks a node running on this machine, as the
+Every command except `lookup` and `cookie` asks a node running on this machine, as the
 same user, over its unix control socket (see `shoal.control`). With one node
 running nothing needs to be named; with several, pick one with `--node`.
 """
@@ -108,6 +108,17 @@ def not_reachable(node: str | None, path: Path, exc: control.ControlError) -> st
 
 def print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
+
+
+@app.command()
+def cookie() -> None:
+    """Print a new strong RELEASE_COOKIE (256 random bits); give every node of a cluster the same.
+
+    Example: `export RELEASE_COOKIE=$(shoal cookie)`.
+    """
+    from shoal import crypto
+
+    typer.echo(crypto.new_cookie())
 
 
 @app.command()

@@ -11,14 +11,20 @@ import json
 import os
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from shoal import crypto
+
 TOPOLOGIES = ("gossip", "dns", "static", "cloudmap")
 TOPOLOGY_ALIASES = {"local": "gossip"}
 SINGLETON_MODES = ("mesh", "quorum", "lease")
+# No duration setting may exceed a day: larger values are typos, and would
+# overflow timers.
+MAX_MS = 24 * 3600 * 1000
 
 
 class ConfigError(ValueError):
@@ -100,11 +106,16 @@ class Settings:
     # How long a graceful stop waits for singletons and jobs to finish.
     drain_timeout: float = 10.0
     tls: TLSFiles | None = None
+    # AES-GCM records on mesh connections (when TLS is off). Every node of a
+    # cluster must agree; turning it off is for benchmarks on trusted links only.
+    mesh_encryption: bool = True
     singleton_mode: str = "mesh"
     expected_nodes: int | None = None
     lease_dsn: str | None = field(default=None, repr=False)
     lease_ttl: float = 5.0
     control_socket: str | None = None
+    # SHOAL_ALLOW_WEAK_COOKIE=1: accept a short or guessable cookie (throwaway tests only).
+    allow_weak_cookie: bool = False
 
     @property
     def name(self) -> str:
@@ -118,6 +129,7 @@ class Settings:
     def validate(self) -> None:
         if not self.cookie:
             raise ConfigError("RELEASE_COOKIE is empty: set it to the shared cluster secret.")
+        check_cookie(self.cookie, self.allow_weak_cookie)
         _check_basename("NODE_NAME", self.basename)
         _check_basename("NODE_NAME_QUERY", self.name_query)
         _check_port("SHOAL_PORT", self.port)
@@ -152,6 +164,15 @@ class Settings:
             )
         if self.expected_nodes is not None and self.expected_nodes < 1:
             raise ConfigError("SHOAL_EXPECTED_NODES must be at least 1.")
+        _check_node_host("NODE_HOST", self.host)
+        _check_multicast("SHOAL_GOSSIP_ADDR", self.gossip_addr)
+        if not 1 <= self.gossip_ttl <= 255:
+            raise ConfigError(f"SHOAL_GOSSIP_TTL={self.gossip_ttl}: a TTL is between 1 and 255.")
+        if self.dns_server is not None:
+            _check_host("SHOAL_DNS_SERVER", self.dns_server[0])
+            _check_port("SHOAL_DNS_SERVER", self.dns_server[1])
+        if self.lease_dsn is not None:
+            _check_dsn("SHOAL_LEASE_DSN", self.lease_dsn)
         if self.topology == "cloudmap" and not (self.cloudmap_namespace and self.cloudmap_service):
             raise ConfigError(
                 "TOPOLOGY_TYPE=cloudmap needs SHOAL_CLOUDMAP_NAMESPACE and SHOAL_CLOUDMAP_SERVICE."
@@ -170,11 +191,13 @@ class Settings:
                 "cookie (for example `export RELEASE_COOKIE=$(openssl rand -hex 32)`)."
             )
         basename = env.get("NODE_NAME", "hi") or "hi"
+        _check_basename("NODE_NAME", basename)
         topology = (env.get("TOPOLOGY_TYPE") or "dns").strip().lower()
         topology = TOPOLOGY_ALIASES.get(topology, topology)
         port = _int(env, "SHOAL_PORT", 4370)
         host = env.get("NODE_HOST") or detect_host(env)
         _check_host("NODE_HOST", host)
+        _check_node_host("NODE_HOST", host)
         tls = None
         tls_values = [env.get(k) for k in ("SHOAL_TLS_CERT", "SHOAL_TLS_KEY", "SHOAL_TLS_CA")]
         if any(tls_values):
@@ -220,6 +243,7 @@ class Settings:
             lease_dsn=env.get("SHOAL_LEASE_DSN") or None,
             lease_ttl=_ms(env, "SHOAL_LEASE_TTL_MS", 5000),
             control_socket=env.get("SHOAL_CONTROL_SOCKET") or None,
+            allow_weak_cookie=_flag(env, "SHOAL_ALLOW_WEAK_COOKIE"),
         )
         values.update(overrides)
         settings = cls(**values)
@@ -309,8 +333,12 @@ def _split_host_port(text: str, default_port: int) -> tuple[str, int]:
     text = text.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"{text!r}: expected `[address]:port`.")
         port_text = rest.removeprefix(":")
-        return host, _parse_int("port", port_text) if port_text else default_port
+        port = _parse_int("port", port_text) if port_text else default_port
+        _check_port("port", port)
+        return host, port
     if text.count(":") == 1:
         host, port_text = text.split(":")
         port = _parse_int("port", port_text)
@@ -322,7 +350,10 @@ def _split_host_port(text: str, default_port: int) -> tuple[str, int]:
 def _host_port(var: str, text: str | None, default_port: int) -> tuple[str, int] | None:
     if not text:
         return None
-    host, port = _split_host_port(text, default_port)
+    try:
+        host, port = _split_host_port(text, default_port)
+    except ConfigError as exc:
+        raise ConfigError(f"{var}={text!r}: expected `host:port` ({exc}).") from None
     if not host:
         raise ConfigError(f"{var}={text!r}: expected `host:port`.")
     return host, port
@@ -351,6 +382,59 @@ def _check_host(var: str, host: str) -> None:
         raise ConfigError(f"{var}={host!r} is neither an IP address nor a host name.")
 
 
+def check_cookie(cookie: str, allow_weak: bool = False) -> None:
+    """Refuse a cookie that is not UTF-8, or (unless allowed) too short or guessable."""
+    try:
+        cookie.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            "RELEASE_COOKIE is not valid UTF-8: generate one with `shoal cookie`."
+        ) from None
+    weakness = crypto.cookie_weakness(cookie)
+    if weakness is not None and not allow_weak:
+        raise ConfigError(
+            f"RELEASE_COOKIE is too weak: {weakness}. Use a random secret of at least "
+            f"{crypto.MIN_COOKIE_LENGTH} characters: `shoal cookie` prints one."
+        )
+
+
+def _check_node_host(var: str, host: str) -> None:
+    """An address to bind and advertise: one host, not a wildcard, broadcast or group."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a host name, checked by _check_host
+    if address.is_unspecified or address.is_multicast or host == "255.255.255.255":
+        raise ConfigError(
+            f"{var}={host}: peers must be able to dial this address; use this host's own "
+            "address, not a wildcard, broadcast or multicast one."
+        )
+
+
+def _check_multicast(var: str, text: str) -> None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{var}={text!r} is not an IP address.") from None
+    if not address.is_multicast:
+        raise ConfigError(f"{var}={text}: expected a multicast group (224.0.0.0/4 or ff00::/8).")
+
+
+def _check_dsn(var: str, dsn: str) -> None:
+    parts = urllib.parse.urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql") or not (parts.netloc or parts.query):
+        raise ConfigError(f"{var}: expected a URL like postgresql://user:password@host/db.")
+
+
+def _flag(env: Mapping[str, str], var: str) -> bool:
+    text = (env.get(var) or "").strip().lower()
+    if text in ("", "0", "false", "no"):
+        return False
+    if text in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"{var}={text!r}: expected 1 or 0.")
+
+
 def _check_port(var: str, port: int) -> None:
     if not 0 < port < 65536:
         raise ConfigError(f"{var}={port}: a port is between 1 and 65535.")
@@ -373,6 +457,8 @@ def _int(env: Mapping[str, str], var: str, default: int) -> int:
 
 def _ms(env: Mapping[str, str], var: str, default_ms: int) -> float:
     value = _int(env, var, default_ms)
-    if value <= 0:
-        raise ConfigError(f"{var}={value}: expected a positive number of milliseconds.")
+    if not 0 < value <= MAX_MS:
+        raise ConfigError(
+            f"{var}={value}: expected a positive number of milliseconds, at most {MAX_MS}."
+        )
     return value / 1000.0

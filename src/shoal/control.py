@@ -118,10 +118,57 @@ def _private_dir(path: Path, create_mode: int = 0o700) -> None:
     info = path.lstat()
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise ControlError(
-            errno.EPERM, f"{path} is not a directory owned by uid {os.getuid()}; refusing to use it"
+            errno.EPERM,
+            f"{path} is not a directory owned by uid {os.getuid()} (owner: uid {info.st_uid}); "
+            f"refusing to use it. Someone else may have created it: remove it (as root: "
+            f"`rm -rf {path}`), or set XDG_RUNTIME_DIR or SHOAL_CONTROL_SOCKET to a place "
+            "of your own",
         )
     if info.st_mode & 0o077:
         os.chmod(path, 0o700)
+
+
+def check_trusted_dir(path: Path) -> None:
+    """The client's check before it connects: the directory is ours and closed to others.
+
+    Owned by us (or root), a real directory, and writable by nobody else, so
+    no other user can have put a socket of theirs where we look for the node's
+    (a sticky root directory such as /tmp is accepted: see check_server_uid).
+    """
+    try:
+        info = path.lstat()
+    except OSError as exc:
+        raise ControlError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
+    uid = os.getuid()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (uid, 0):
+        raise ControlError(
+            errno.EPERM,
+            f"{path} is not a directory owned by you (uid {uid}) but by uid {info.st_uid}: "
+            "another user may be impersonating the node; not connecting",
+        )
+    # A sticky root directory (/tmp) is fine: nobody can replace our files there,
+    # and the server's uid is checked once connected.
+    sticky_root = info.st_uid == 0 and info.st_mode & stat.S_ISVTX
+    if info.st_mode & 0o022 and not sticky_root:
+        raise ControlError(
+            errno.EPERM,
+            f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}): "
+            f"not connecting; `chmod 700 {path}` if it is yours",
+        )
+
+
+def check_server_uid(sock: socket.socket, path: Path) -> None:
+    """SO_PEERCRED: the process at the other end runs as our own user."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid != os.getuid():
+        raise ControlError(
+            errno.EPERM,
+            f"the process behind {path} runs as uid {uid}, not as you (uid {os.getuid()}); "
+            "not talking to it",
+        )
 
 
 def _clear_stale(path: Path) -> None:
@@ -514,12 +561,17 @@ class ControlClient:
 
     def __init__(self, path: Path, timeout: float = COMMAND_TIMEOUT + 5) -> None:
         self.path = path
+        # Nothing is sent before both checks pass: typed code may hold secrets.
+        check_trusted_dir(path.parent)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(str(path))
+            check_server_uid(self.sock, path)
         except OSError as exc:
             self.sock.close()
+            if isinstance(exc, ControlError):
+                raise
             raise ControlError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
         self._file = self.sock.makefile("rb")
 

@@ -13,7 +13,6 @@ and both sides reach the same decision without another round trip.
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import logging
 import ssl
@@ -22,18 +21,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from shoal import wire
+from shoal import admission, crypto, wire
 from shoal.config import Peer, Settings
 from shoal.metrics import MeshStats
 
 log = logging.getLogger("shoal.mesh")
 
-# At most this many unauthenticated connections at once; more are refused so a
-# flood of half-open handshakes cannot exhaust memory or file descriptors.
-MAX_PENDING_HANDSHAKES = 256
-# ... and at most this many from one address, so that one flooding host cannot
-# keep other nodes from joining.
-MAX_PENDING_HANDSHAKES_PER_HOST = 32
+# Caps on unauthenticated connections (total, per address): see shoal.admission.
+MAX_PENDING_HANDSHAKES = admission.MAX_PENDING_HANDSHAKES
+MAX_PENDING_HANDSHAKES_PER_HOST = admission.MAX_PENDING_HANDSHAKES_PER_HOST
 # Write buffer above which senders wait (`drain`) instead of queueing more.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
 # Frames queued in one loop iteration are written together, in writes of about
@@ -84,6 +80,7 @@ class Connection(asyncio.Protocol):
         self.address = "?"
         self.established = False
         self.leaving = False
+        self.evicted = False  # its handshake slot went to another connection
         self.transport: asyncio.Transport | None = None
         self.decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_FRAME)
         loop = asyncio.get_running_loop()
@@ -102,6 +99,9 @@ class Connection(asyncio.Protocol):
         self._writable.set()
         self.paused_since: float | None = None  # monotonic; while the peer is behind
         self.drop_reason: str | None = None
+        # AES-GCM records after the handshake (None: plaintext frames, e.g. under TLS).
+        self._sealer: crypto.Sealer | None = None
+        self._opener: crypto.Opener | None = None
 
     # asyncio.Protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -134,8 +134,10 @@ class Connection(asyncio.Protocol):
         # objects costs one pass over them, not one collection per 700.
         with wire.gc_paused():
             try:
+                if self._opener is not None:
+                    data = self._opener.open(data)
                 frames = self.decoder.feed(data)
-            except wire.FrameError as exc:
+            except (wire.FrameError, crypto.AuthenticationError) as exc:
                 self.mesh.report_bad_peer(self, str(exc))
                 self.abort()
                 return
@@ -184,11 +186,13 @@ class Connection(asyncio.Protocol):
         if not self._flush_scheduled:
             # The first frame of this loop iteration goes out at once (a lone
             # call or reply waits for nothing); the ones that follow it in the
-            # same iteration are batched into one write by `_flush`.
+            # same iteration are batched into one write by `_flush`. Encrypted,
+            # it waits for them instead: one record (one seal) per iteration.
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-            self._write(data)
-            return
+            if self._sealer is None:
+                self._write(data)
+                return
         self._out.append(data)
         self._out_size += len(data)
         if self._out_size >= WRITE_BATCH:
@@ -212,12 +216,20 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.write(data)
+        self._put(data)
         self.last_sent = time.monotonic()
         limit = self.mesh.settings.max_send_buffer
         if self.established and transport.get_write_buffer_size() > limit:
             # A peer this far behind is not reading: our memory is not its queue.
             self.drop(f"it has not read {transport.get_write_buffer_size()} bytes (limit {limit})")
+
+    def _put(self, data: bytes) -> None:
+        """Hand bytes to the transport, sealed into one record when encryption is on."""
+        assert self.transport is not None
+        if self._sealer is None:
+            self.transport.write(data)
+        else:
+            self.transport.writelines(self._sealer.seal(data))
 
     def drop(self, why: str) -> None:
         """Abort a peer that is alive but not reading; it is down as soon as the loop runs."""
@@ -244,8 +256,20 @@ class Connection(asyncio.Protocol):
 
     def reject(self, reason: str) -> None:
         """Tell an unauthenticated peer why the handshake failed, then close."""
-        self.send(wire.reject(reason))
+        self.send_handshake(wire.reject(reason))
         self.close()
+
+    def send_handshake(self, frame: Any) -> None:
+        """Write a handshake frame now, in plaintext, ahead of anything sealed later."""
+        self._write_out()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(wire.encode_frame(frame))
+            self.last_sent = time.monotonic()
+
+    def secure(self, send_key: bytes, receive_key: bytes) -> None:
+        """From now on every byte sent and received is an AES-GCM record."""
+        self._sealer = crypto.Sealer(send_key)
+        self._opener = crypto.Opener(receive_key)
 
     # handshake -------------------------------------------------------------
     async def next_handshake_frame(self) -> Any:
@@ -273,8 +297,11 @@ class Connection(asyncio.Protocol):
             self._resume_reading()
         if self.decoder.pending:
             try:
-                frames = self.decoder.feed()
-            except wire.FrameError as exc:
+                if self._opener is not None:
+                    frames = self.decoder.feed(self._opener.open(self.decoder.take_pending()))
+                else:
+                    frames = self.decoder.feed()
+            except (wire.FrameError, crypto.AuthenticationError) as exc:
                 self.mesh.report_bad_peer(self, str(exc))
                 self.abort()
                 return
@@ -298,25 +325,30 @@ class Mesh:
         self.settings = settings
         self.name = settings.name
         self.incarnation = wire.new_incarnation()
-        self._key = wire.cookie_key(settings.cookie)
+        self._key = b""  # wire.cookie_key(cookie), computed off the loop by `start`
         self._on_frame = on_frame
         self._on_event = on_event
         self.connections: dict[str, Connection] = {}
         self._dialing: dict[str, asyncio.Task[None]] = {}
         self._superseded: set[str] = set()
-        self._handshaking: collections.Counter[str] = collections.Counter()  # by host
-        self._refused = 0
-        self._refused_logged = -1.0
+        self.admission = admission.HandshakeAdmission()
+        self._bad_peer_logged = -1.0
+        self._bad_peer_quiet = 0
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._server_ssl, self._client_ssl = _tls_contexts(settings)
         self.stats = MeshStats()  # read by shoal.metrics at scrape time
+        # TLS already encrypts; otherwise AES-GCM records, unless turned off (benchmarks).
+        self._encrypt = settings.tls is None and settings.mesh_encryption
 
     # lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # scrypt takes tens of ms (more on a loaded machine); in a thread it does
+        # not stall other nodes or an app sharing this loop. Cached afterwards.
+        self._key = await asyncio.to_thread(wire.cookie_key, self.settings.cookie)
         try:
             self._server = await loop.create_server(
                 lambda: self._accepted(),
@@ -374,6 +406,13 @@ class Mesh:
                 continue
             if peer.name in self.connections or peer.name in self._dialing:
                 continue
+            if len(self._dialing) >= admission.MAX_CONCURRENT_DIALS:
+                log.debug(
+                    "%d dials in progress; %s waits for a later round",
+                    len(self._dialing),
+                    peer.name,
+                )
+                break
             task = asyncio.create_task(self._dial(peer), name=f"shoal-dial-{peer.name}")
             self._dialing[peer.name] = task
             task.add_done_callback(functools.partial(self._dial_done, peer.name))
@@ -443,23 +482,23 @@ class Mesh:
             self.incarnation,
             wire.new_nonce(),
             peer.name,
+            self._encrypt,
         )
-        conn.send(hello.to_wire())
+        conn.send_handshake(hello.to_wire())
         challenge = wire.parse_challenge(await conn.next_handshake_frame())
         if challenge.name != peer.name:
             conn.reject("wrong node")
-            raise wire.HandshakeError(f"expected {peer.name}, found {challenge.name}")
-        try:
-            wire.verify_challenge(self._key, hello, challenge)
-        except wire.HandshakeError:
-            # Say so, so that the acceptor logs the failure as well as we do.
-            conn.reject("cookie")
-            raise
-        conn.send(wire.make_proof(self._key, hello, challenge))
-        wire.parse_welcome(await conn.next_handshake_frame())
+            raise wire.HandshakeError(f"expected {peer.name}, found {wire.safe(challenge.name)}")
+        conn.send_handshake(wire.make_proof(self._key, hello, challenge))
+        wire.verify_welcome(self._key, hello, challenge, await conn.next_handshake_frame())
         if peer.name in self._superseded or peer.name in self.connections or self._stopping:
             conn.close()
             return
+        if self._encrypt:
+            to_acceptor, to_dialer = wire.session_keys(
+                self._key, hello, challenge.name, challenge.incarnation, challenge.nonce
+            )
+            conn.secure(to_acceptor, to_dialer)
         self._establish(conn, challenge.name, challenge.incarnation, peer.host, peer.port)
 
     # accepting -------------------------------------------------------------
@@ -473,42 +512,40 @@ class Mesh:
     async def _acceptor_handshake(self, conn: Connection) -> None:
         await conn.made  # the task starts before the transport calls connection_made
         host = conn.address.rpartition(":")[0]
-        if (
-            self._handshaking.total() >= MAX_PENDING_HANDSHAKES
-            or self._handshaking[host] >= MAX_PENDING_HANDSHAKES_PER_HOST
-        ):
-            self._refused += 1
+        task = asyncio.current_task()
+        assert task is not None
+        slot = self.admission.admit(host, conn.address, functools.partial(self._evict, conn, task))
+        if slot is None:
             self.stats.handshake_failed("too many handshakes")
-            now = time.monotonic()
-            if now - self._refused_logged >= 1.0:  # a flood must not flood the log too
-                self._refused_logged = now
-                log.warning(
-                    "refusing %s: too many handshakes in progress (%d refused so far)",
-                    conn.address,
-                    self._refused,
-                )
             conn.abort()
             return
-        self._handshaking[host] += 1
         try:
             async with asyncio.timeout(self.settings.handshake_timeout):
                 if self._server_ssl is not None:
                     await self._start_tls(conn, self._server_ssl)
                 await self._acceptor_steps(conn)
+        except asyncio.CancelledError:
+            if not conn.evicted:
+                raise
+            conn.abort()
         except TimeoutError:
             self.report_bad_peer(conn, "handshake did not finish in time")
             conn.abort()
         except (wire.HandshakeError, OSError) as exc:
             if isinstance(exc, wire.HandshakeError) and str(exc) == CLOSED_DURING_HANDSHAKE:
-                log.info("peer at %s left during the handshake", conn.address)
+                log.debug("peer at %s left during the handshake", conn.address)
             else:
                 self.report_bad_peer(conn, str(exc))
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.abort()
         finally:
-            self._handshaking[host] -= 1
-            if not self._handshaking[host]:
-                del self._handshaking[host]
+            self.admission.release(slot)
+
+    def _evict(self, conn: Connection, task: asyncio.Task[None]) -> None:
+        """Admission gave this pending handshake's slot to a newcomer: drop it."""
+        conn.evicted = True
+        conn.abort()
+        task.cancel()
 
     async def _start_tls(self, conn: Connection, context: ssl.SSLContext) -> None:
         assert conn.transport is not None
@@ -540,16 +577,36 @@ class Mesh:
             raise
         conn.claimed_name = hello.name
         nonce = wire.new_nonce()
-        conn.send(wire.make_challenge(self._key, hello, self.name, self.incarnation, nonce))
-        wire.verify_proof(
-            self._key, hello, self.name, self.incarnation, nonce, await conn.next_handshake_frame()
-        )
+        # Only our name and nonce: we prove nothing until the dialer has.
+        conn.send_handshake(wire.make_challenge(self.name, self.incarnation, nonce))
+        try:
+            wire.verify_proof(
+                self._key,
+                hello,
+                self.name,
+                self.incarnation,
+                nonce,
+                await conn.next_handshake_frame(),
+            )
+        except wire.HandshakeError as exc:
+            if "cookie proof" in str(exc):
+                conn.reject("cookie")
+            raise
+        dialing = self._dialing.get(hello.name)
+        if dialing is not None and self.name < hello.name:
+            # Our own dial to this peer would win, but it may never get through (the
+            # peer may be flooded): let it finish first, then decide. The peer does
+            # not wait for us (it supersedes its dial), so this cannot deadlock;
+            # bounded well inside our own deadline for this handshake.
+            await asyncio.wait([dialing], timeout=self.settings.handshake_timeout / 2)
         basename = hello.name.partition("@")[0]
         reason = None
         if hello.expected is not None and hello.expected != self.name:
             reason = "wrong node"
         elif basename != self.settings.name_query:
             reason = "basename not in cluster"
+        elif hello.encrypt != self._encrypt:
+            reason = "encryption setting differs (SHOAL_TLS_* or mesh encryption)"
         elif self._stopping:
             reason = "stopping"
         else:
@@ -558,7 +615,12 @@ class Mesh:
             log.debug("rejecting %s from %s: %s", hello.name, conn.address, reason)
             conn.reject(reason)
             return
-        conn.send({"t": "welcome"})
+        conn.send_handshake(wire.make_welcome(self._key, hello, self.name, self.incarnation, nonce))
+        if self._encrypt:
+            to_acceptor, to_dialer = wire.session_keys(
+                self._key, hello, self.name, self.incarnation, nonce
+            )
+            conn.secure(to_dialer, to_acceptor)
         self._establish(
             conn, hello.name, hello.incarnation, hello.name.partition("@")[2], hello.port
         )
@@ -638,33 +700,51 @@ class Mesh:
             raise wire.FrameError("malformed message")
 
     def _learn_members(self, frame: list[Any]) -> None:
+        """Dial the members a peer knows, within the dial policy (shoal.admission)."""
         if len(frame) != 2 or not isinstance(frame[1], list) or len(frame[1]) > 10_000:
             raise wire.FrameError("malformed MEMBERS")
         peers = []
-        for item in frame[1]:
+        for item in frame[1][: admission.MAX_LEARNED_PEERS]:
             if (
-                isinstance(item, list)
+                type(item) is list
                 and len(item) == 3
-                and isinstance(item[0], str)
-                and isinstance(item[1], str)
-                and isinstance(item[2], int)
-                and item[0].count("@") == 1
-                and 0 < item[2] < 65536
+                and type(item[0]) is str
+                and type(item[1]) is str
+                and item[2] == self.settings.port  # our mesh port, never another
+                and type(item[2]) is int
             ):
-                basename = item[0].partition("@")[0]
-                peers.append(Peer(basename, item[1], item[2]))
+                basename, _, host = item[0].partition("@")
+                if (
+                    basename == self.settings.name_query
+                    and host == item[1]
+                    and admission.learned_address_allowed(host, self.settings.host)
+                ):
+                    peers.append(Peer(basename, host, self.settings.port))
         self.propose(peers)
 
     def report_bad_peer(self, conn: Connection, why: str) -> None:
+        """Log a dropped peer; unauthenticated ones at most once per second (floods)."""
         if conn.peer_name is not None:
-            who = conn.peer_name
-        elif conn.claimed_name is not None:
+            log.warning("dropping %s at %s: %s", conn.peer_name, conn.address, why)
+            return
+        if conn.claimed_name is not None:
+            # Names in HELLO are printable without spaces (wire.parse_hello): safe to log.
             who = f"unauthenticated peer (claiming to be {conn.claimed_name})"
         else:
             who = "unauthenticated peer"
         if not conn.established:
             self.stats.handshake_failed(why)
-        log.warning("dropping %s at %s: %s", who, conn.address, why, extra={"peer": conn.peer_name})
+        now = time.monotonic()
+        if now - self._bad_peer_logged < 1.0:
+            self._bad_peer_quiet += 1
+            log.debug("dropping %s at %s: %s", who, conn.address, why)
+            return
+        quiet = self._bad_peer_quiet
+        self._bad_peer_logged, self._bad_peer_quiet = now, 0
+        more = f" ({quiet} more unauthenticated peers dropped in the last second)" if quiet else ""
+        log.warning(
+            "dropping %s at %s: %s%s", who, conn.address, why, more, extra={"peer": conn.peer_name}
+        )
 
     # failure detection -----------------------------------------------------
     async def _tick(self) -> None:

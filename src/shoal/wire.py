@@ -4,17 +4,22 @@ A frame is a 4-byte big-endian length followed by that many bytes of msgpack.
 Nothing from the network is ever unpickled or evaluated: msgpack decodes into
 plain data only, and every frame is bounded by a size limit.
 
-Handshake (mutual HMAC-SHA256 challenge/response over a key derived from the
-cookie; the cookie itself never travels):
+Handshake (mutual HMAC-SHA256 challenge/response over a key stretched from the
+cookie with scrypt; the cookie itself never travels):
 
-    dialer   -> acceptor  HELLO      version, dialer name, incarnation, nonce_d, expected name
-    acceptor -> dialer    CHALLENGE  acceptor name, incarnation, nonce_a, proof_a
+    dialer   -> acceptor  HELLO      version, dialer name, port, incarnation, nonce_d,
+                                     expected name, encryption wanted
+    acceptor -> dialer    CHALLENGE  acceptor name, incarnation, nonce_a (no proof)
     dialer   -> acceptor  PROOF      proof_d
-    acceptor -> dialer    WELCOME | REJECT(reason)
+    acceptor -> dialer    WELCOME(proof_a) | REJECT(reason)
 
-Each proof is an HMAC over the whole transcript (both names, incarnations and
-fresh nonces) with a different label per direction, so a proof can be neither
-replayed nor reflected.
+The acceptor proves nothing before the dialer has proven that it knows the
+cookie, so a stranger who connects learns nothing it could test guesses
+against. Each proof is an HMAC over the whole transcript (both names,
+incarnations and fresh nonces) with a different label per direction, so a
+proof can be neither replayed nor reflected. After WELCOME both directions
+switch to AES-GCM records keyed from the same transcript (`shoal.crypto`),
+unless TLS already protects the connection.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+from shoal import crypto
+
+# 2: the acceptor proves itself in WELCOME, after the dialer's proof; encrypted records.
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">I")
 _header_pack = HEADER.pack
 _header_unpack_from = HEADER.unpack_from
@@ -211,22 +219,21 @@ class FrameDecoder:
         """Bytes received but not yet part of a complete frame."""
         return len(self._buffer)
 
+    def take_pending(self) -> bytes:
+        """Remove and return the undecoded bytes (ciphertext that followed the handshake)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
 
-def cookie_key(cookie: str, purpose: bytes = b"shoal mesh v1") -> bytes:
-    """A per-purpose key, so the cookie is never used (or exposed) directly."""
-    return hmac.new(_cookie_bytes(cookie), purpose, hashlib.sha256).digest()
+
+def cookie_key(cookie: str) -> bytes:
+    """The handshake key: scrypt of the cookie (cached), so every guess costs a slow KDF."""
+    return crypto.stretch(cookie, b"mesh")
 
 
 def cookie_fingerprint(cookie: str) -> str:
     """`sha256:xxxxxxxx`: shows which cookie is in use without revealing it."""
-    digest = hashlib.sha256(b"shoal fingerprint v1\x00" + _cookie_bytes(cookie)).hexdigest()
-    return f"sha256:{digest[:8]}"
-
-
-def _cookie_bytes(cookie: str) -> bytes:
-    # The environment's bytes as they were: a cookie that is not valid UTF-8
-    # reaches Python with surrogate escapes, and must not crash the node.
-    return cookie.encode("utf-8", "surrogateescape")
+    return crypto.fingerprint(cookie)
 
 
 def new_nonce() -> bytes:
@@ -245,6 +252,7 @@ class Hello:
     incarnation: bytes
     nonce: bytes
     expected: str | None  # the acceptor name the dialer wants, if known
+    encrypt: bool = True  # AES-GCM records after the handshake (both sides must agree)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -255,6 +263,7 @@ class Hello:
             "inc": self.incarnation,
             "nonce": self.nonce,
             "to": self.expected,
+            "enc": self.encrypt,
         }
 
 
@@ -263,33 +272,41 @@ class Challenge:
     name: str
     incarnation: bytes
     nonce: bytes
-    proof: bytes
 
 
 def parse_hello(msg: Any) -> Hello:
-    """Validate a HELLO frame's shape; a wrong version is reported as such."""
+    """Validate a HELLO frame's shape and types; a wrong version is reported as such."""
     if not isinstance(msg, dict) or msg.get("t") != "hello":
         raise HandshakeError("expected HELLO")
     version = msg.get("v")
-    if version != PROTOCOL_VERSION:
-        raise HandshakeError(f"unsupported protocol version {repr(version)[:40]}")
+    # `type() is int`: msgpack gives True for a bool and 1.0 for a float, and both
+    # would compare equal to an int.
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise HandshakeError(f"unsupported protocol version {safe(version)}")
     name = _node_name(msg.get("name"))
     expected = msg.get("to")
     if expected is not None:
         expected = _node_name(expected)
     port = msg.get("port")
-    if not isinstance(port, int) or not 0 < port < 65536:
+    if type(port) is not int or not 0 < port < 65536:
         raise HandshakeError("malformed port")
+    encrypt = msg.get("enc")
+    if type(encrypt) is not bool:
+        raise HandshakeError("malformed enc")
     return Hello(
-        version, name, port, _blob(msg, "inc", INCARNATION_SIZE), _blob(msg, "nonce"), expected
+        version,
+        name,
+        port,
+        _blob(msg, "inc", INCARNATION_SIZE),
+        _blob(msg, "nonce"),
+        expected,
+        encrypt,
     )
 
 
-def make_challenge(
-    key: bytes, hello: Hello, name: str, incarnation: bytes, nonce: bytes
-) -> dict[str, Any]:
-    proof = _proof(key, b"acceptor", hello, name, incarnation, nonce)
-    return {"t": "challenge", "name": name, "inc": incarnation, "nonce": nonce, "proof": proof}
+def make_challenge(name: str, incarnation: bytes, nonce: bytes) -> dict[str, Any]:
+    """The acceptor's answer to HELLO: who it is and its nonce, and no proof yet."""
+    return {"t": "challenge", "name": name, "inc": incarnation, "nonce": nonce}
 
 
 def parse_challenge(msg: Any) -> Challenge:
@@ -301,19 +318,11 @@ def parse_challenge(msg: Any) -> Challenge:
         _node_name(msg.get("name")),
         _blob(msg, "inc", INCARNATION_SIZE),
         _blob(msg, "nonce"),
-        _blob(msg, "proof", 32),
     )
-
-
-def verify_challenge(key: bytes, hello: Hello, challenge: Challenge) -> None:
-    expected = _proof(
-        key, b"acceptor", hello, challenge.name, challenge.incarnation, challenge.nonce
-    )
-    if not hmac.compare_digest(expected, challenge.proof):
-        raise HandshakeError("acceptor's cookie proof is wrong (different RELEASE_COOKIE?)")
 
 
 def make_proof(key: bytes, hello: Hello, challenge: Challenge) -> dict[str, Any]:
+    """The dialer's proof, the first one of the handshake."""
     proof = _proof(key, b"dialer", hello, challenge.name, challenge.incarnation, challenge.nonce)
     return {"t": "proof", "proof": proof}
 
@@ -321,12 +330,9 @@ def make_proof(key: bytes, hello: Hello, challenge: Challenge) -> dict[str, Any]
 def verify_proof(
     key: bytes, hello: Hello, name: str, incarnation: bytes, nonce: bytes, msg: Any
 ) -> None:
+    """The acceptor checks the dialer's proof before it proves anything itself."""
     if isinstance(msg, dict) and msg.get("t") == "reject":
-        hint = ": our cookie proof is wrong for it (different RELEASE_COOKIE?)"
-        raise HandshakeError(
-            f"the peer gave up the handshake ({_reason(msg)})"
-            + (hint if msg.get("reason") == "cookie" else "")
-        )
+        raise HandshakeError(f"the peer gave up the handshake ({_reason(msg)})")
     if not isinstance(msg, dict) or msg.get("t") != "proof":
         raise HandshakeError("expected PROOF")
     proof = _blob(msg, "proof", 32)
@@ -335,32 +341,61 @@ def verify_proof(
         raise HandshakeError("dialer's cookie proof is wrong (different RELEASE_COOKIE?)")
 
 
-def _proof(
-    key: bytes, label: bytes, hello: Hello, name: str, incarnation: bytes, nonce: bytes
-) -> bytes:
-    transcript = pack(
+def make_welcome(
+    key: bytes, hello: Hello, name: str, incarnation: bytes, nonce: bytes
+) -> dict[str, Any]:
+    """The acceptor's verdict and its proof, sent only after the dialer's proof checked out."""
+    proof = _proof(key, b"acceptor", hello, name, incarnation, nonce)
+    return {"t": "welcome", "proof": proof}
+
+
+def verify_welcome(key: bytes, hello: Hello, challenge: Challenge, msg: Any) -> None:
+    """WELCOME with a valid acceptor proof returns; REJECT or a wrong proof raises."""
+    if isinstance(msg, dict) and msg.get("t") == "reject":
+        hint = ": our cookie proof is wrong for it (different RELEASE_COOKIE?)"
+        raise HandshakeError(
+            f"rejected: {_reason(msg)}" + (hint if msg.get("reason") == "cookie" else "")
+        )
+    if not isinstance(msg, dict) or msg.get("t") != "welcome":
+        raise HandshakeError("expected WELCOME")
+    proof = _blob(msg, "proof", 32)
+    expected = _proof(
+        key, b"acceptor", hello, challenge.name, challenge.incarnation, challenge.nonce
+    )
+    if not hmac.compare_digest(expected, proof):
+        raise HandshakeError("acceptor's cookie proof is wrong (different RELEASE_COOKIE?)")
+
+
+def transcript(hello: Hello, name: str, incarnation: bytes, nonce: bytes) -> bytes:
+    """Everything both sides said, in one canonical encoding (proofs and session keys)."""
+    return pack(
         [
-            label,
             hello.version,
             hello.name,
             hello.port,
             hello.incarnation,
             hello.nonce,
+            hello.expected,
+            hello.encrypt,
             name,
             incarnation,
             nonce,
         ]
     )
-    return hmac.new(key, transcript, hashlib.sha256).digest()
 
 
-def parse_welcome(msg: Any) -> None:
-    """The acceptor's verdict: WELCOME returns, REJECT (or anything else) raises."""
-    if isinstance(msg, dict) and msg.get("t") == "welcome":
-        return
-    if isinstance(msg, dict) and msg.get("t") == "reject":
-        raise HandshakeError(f"rejected: {_reason(msg)}")
-    raise HandshakeError("expected WELCOME")
+def session_keys(
+    key: bytes, hello: Hello, name: str, incarnation: bytes, nonce: bytes
+) -> tuple[bytes, bytes]:
+    """(dialer->acceptor, acceptor->dialer) record keys for this connection."""
+    return crypto.session_keys(key, transcript(hello, name, incarnation, nonce))
+
+
+def _proof(
+    key: bytes, label: bytes, hello: Hello, name: str, incarnation: bytes, nonce: bytes
+) -> bytes:
+    data = label + b"\x00" + transcript(hello, name, incarnation, nonce)
+    return hmac.new(key, data, hashlib.sha256).digest()
 
 
 def reject(reason: str) -> dict[str, Any]:
@@ -369,17 +404,28 @@ def reject(reason: str) -> dict[str, Any]:
 
 def _reason(msg: dict[str, Any]) -> str:
     """A peer's stated reason, safe to log (bounded, no control characters)."""
-    return repr(msg.get("reason"))[:80]
+    return safe(msg.get("reason"))
+
+
+def safe(value: Any) -> str:
+    """A peer-supplied value for a log line: repr (escapes control characters), bounded."""
+    return repr(value)[:80]
 
 
 def _node_name(value: Any) -> str:
-    if not isinstance(value, str) or not 3 <= len(value) <= 320 or value.count("@") != 1:
+    if (
+        type(value) is not str
+        or not 3 <= len(value) <= 320
+        or value.count("@") != 1
+        or not value.isprintable()
+        or any(c.isspace() for c in value)
+    ):
         raise HandshakeError("malformed node name")
     return value
 
 
 def _blob(msg: dict[str, Any], field: str, size: int = NONCE_SIZE) -> bytes:
     value = msg.get(field)
-    if not isinstance(value, bytes) or len(value) != size:
+    if type(value) is not bytes or len(value) != size:
         raise HandshakeError(f"malformed {field}")
     return value

@@ -21,7 +21,14 @@ def free_port(host: str) -> int:
 
 async def test_ready_is_503_until_the_node_is_ready_and_again_while_draining() -> None:
     host = "127.0.10.50"
-    node = Node(Settings(cookie="inprocess", host=host, port=free_port(host), topology="static"))
+    node = Node(
+        Settings(
+            cookie="inprocess-test-cookie-5e4d3c2b1a09f8e7",
+            host=host,
+            port=free_port(host),
+            topology="static",
+        )
+    )
     transport = httpx.ASGITransport(app=create_app(node))
     async with httpx.AsyncClient(transport=transport, base_url="http://hi") as client:
         before = await client.get("/ready")

@@ -27,7 +27,7 @@ def free_port() -> int:
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
     settings = Settings(
-        cookie="control-test-cookie",
+        cookie="control-test-cookie-7c6b5a4938271605",
         host=HOST,
         port=free_port(),
         topology="static",

@@ -31,7 +31,7 @@ EXPECTED_REQUEST = {
 
 def settings(**overrides: Any) -> Settings:
     return Settings(
-        cookie="secret",
+        cookie="discovery-test-cookie-6b1f0e3a9c2d4e87",
         basename="vegeta",
         name_query="vegeta",
         host="10.0.2.106",

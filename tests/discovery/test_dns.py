@@ -21,7 +21,7 @@ NAME = "hi.service.local"
 
 def settings(dns: LocalDNSServer, **overrides: object) -> Settings:
     return Settings(
-        cookie="secret",
+        cookie="discovery-test-cookie-6b1f0e3a9c2d4e87",
         basename="hi",
         name_query="hi",
         host="127.0.0.2",
@@ -76,6 +76,19 @@ async def test_aaaa_records_are_proposed(dns_server: LocalDNSServer, poll: Runni
     await async_wait_until(
         lambda: poll.rounds.last == peers("127.0.0.9", "::1", "fd00::7"), 5, message="AAAA"
     )
+
+
+@pytest.mark.parametrize("silent", ["AAAA", "A"])
+async def test_a_type_that_is_never_answered_keeps_the_other(
+    dns_server: LocalDNSServer, poll: Running, silent: str
+) -> None:
+    # A nameserver that drops AAAA queries (or A) must not disable discovery.
+    dns_server.set_records(NAME, ["127.0.0.9", "fd00::7"])
+    dns_server.silent_types.add(silent)
+    expected = peers("fd00::7") if silent == "A" else peers("127.0.0.9")
+    rounds = await poll.next_rounds(3)
+    assert rounds[-1] == expected, rounds
+    assert dns_server.query_count() > dns_server.query_count(NAME)  # some were dropped
 
 
 @pytest.mark.parametrize("mode", ["servfail", "nxdomain", "timeout"])

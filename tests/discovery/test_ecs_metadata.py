@@ -72,7 +72,10 @@ def test_task_document_is_understood_too(metadata: MetadataServer) -> None:
 
 
 def test_settings_from_env_uses_the_metadata_address(metadata: MetadataServer) -> None:
-    env = {"RELEASE_COOKIE": "secret", "ECS_CONTAINER_METADATA_URI_V4": metadata.uri(CONTAINER_ID)}
+    env = {
+        "RELEASE_COOKIE": "discovery-test-cookie-6b1f0e3a9c2d4e87",
+        "ECS_CONTAINER_METADATA_URI_V4": metadata.uri(CONTAINER_ID),
+    }
     settings = Settings.from_env(env)
     assert settings.host == "10.0.2.106"
     assert settings.name == "hi@10.0.2.106"
@@ -80,7 +83,7 @@ def test_settings_from_env_uses_the_metadata_address(metadata: MetadataServer) -
 
 def test_node_host_overrides_the_metadata(metadata: MetadataServer) -> None:
     env = {
-        "RELEASE_COOKIE": "secret",
+        "RELEASE_COOKIE": "discovery-test-cookie-6b1f0e3a9c2d4e87",
         "ECS_CONTAINER_METADATA_URI_V4": metadata.uri("broken"),
         "NODE_HOST": "127.0.0.2",
     }
@@ -96,6 +99,9 @@ def test_unusable_metadata_is_a_clear_error(metadata: MetadataServer, path: str)
 def test_unreachable_endpoint_is_a_clear_error(metadata: MetadataServer) -> None:
     uri = metadata.uri(CONTAINER_ID)
     metadata.close()
-    env = {"RELEASE_COOKIE": "secret", "ECS_CONTAINER_METADATA_URI_V4": uri}
+    env = {
+        "RELEASE_COOKIE": "discovery-test-cookie-6b1f0e3a9c2d4e87",
+        "ECS_CONTAINER_METADATA_URI_V4": uri,
+    }
     with pytest.raises(ConfigError, match="could not be read"):
         Settings.from_env(env)

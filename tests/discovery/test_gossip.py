@@ -31,7 +31,8 @@ from tests.support.netns import Network, requires_netns
 from tests.support.procs import async_wait_until, wait_until
 
 GROUP = "233.252.1.32"
-KEY = gossip_key("secret")
+COOKIE = "discovery-test-cookie-6b1f0e3a9c2d4e87"
+KEY = gossip_key(COOKIE)
 
 
 def free_udp_port() -> int:
@@ -42,7 +43,7 @@ def free_udp_port() -> int:
 
 def settings(host: str, gossip_port: int, **overrides: object) -> Settings:
     return Settings(
-        cookie="secret",
+        cookie="discovery-test-cookie-6b1f0e3a9c2d4e87",
         basename="hi",
         name_query="hi",
         host=host,
@@ -67,7 +68,7 @@ def beacon(**changes: object) -> Beacon:
 def test_beacon_round_trip_and_the_cookie_never_travels() -> None:
     data = encode_beacon(KEY, beacon())
     assert decode_beacon(KEY, data) == beacon(timestamp=decode_beacon(KEY, data).timestamp)
-    assert b"secret" not in data and KEY not in data
+    assert COOKIE.encode() not in data and KEY not in data
     assert len(data) < 200
 
 
@@ -124,7 +125,11 @@ def test_replays_and_own_beacons_are_ignored() -> None:
 def test_selected_by_topology_type_and_local_alias() -> None:
     assert isinstance(strategy_for(settings("127.0.0.2", 45000)), GossipStrategy)
     s = Settings.from_env(
-        {"RELEASE_COOKIE": "x", "TOPOLOGY_TYPE": "local", "NODE_HOST": "127.0.0.2"}
+        {
+            "RELEASE_COOKIE": "discovery-test-cookie-6b1f0e3a9c2d4e87",
+            "TOPOLOGY_TYPE": "local",
+            "NODE_HOST": "127.0.0.2",
+        }
     )
     assert isinstance(strategy_for(s), GossipStrategy)
 
@@ -207,7 +212,7 @@ async def test_wrong_cookie_and_garbage_are_ignored_on_the_wire(
     if not multicast_on_loopback_works(port):
         pytest.skip("this kernel does not deliver multicast over lo between 127.0.0.x sockets")
     a = nodes(settings("127.0.0.2", port))
-    intruder = nodes(settings("127.0.0.5", port, cookie="wrong"))
+    intruder = nodes(settings("127.0.0.5", port, cookie="wrong-cookie-0f9e8d7c6b5a49382716"))
     await async_wait_until(lambda: a.rounds.rounds, timeout=5, message="a listens")
     with open_multicast_socket(GROUP, port, "127.0.0.6", 1) as raw:
         raw.sendto(b"\x00garbage", (GROUP, port))
@@ -253,9 +258,13 @@ def test_gossip_between_network_namespaces(tmp_path: Path) -> None:
         logs = {}
         for host in net.hosts:
             logs[host] = tmp_path / f"{host.name}.log"
-            env = {"RELEASE_COOKIE": "secret", "NODE_HOST": host.address, "TOPOLOGY_TYPE": "gossip"}
+            env = {
+                "RELEASE_COOKIE": "discovery-test-cookie-6b1f0e3a9c2d4e87",
+                "NODE_HOST": host.address,
+                "TOPOLOGY_TYPE": "gossip",
+            }
             if host.index == 2:
-                env["RELEASE_COOKIE"] = "wrong"
+                env["RELEASE_COOKIE"] = "wrong-cookie-0f9e8d7c6b5a49382716"
             with open(logs[host], "wb") as out:
                 host.popen(
                     [sys.executable, "-c", GOSSIP_NODE],

@@ -17,7 +17,7 @@ from tests.support.procs import async_wait_until
 
 def settings(hosts: str, **overrides: object) -> Settings:
     base = Settings(
-        cookie="secret",
+        cookie="discovery-test-cookie-6b1f0e3a9c2d4e87",
         basename="hi",
         name_query="hi",
         host="127.0.0.2",

@@ -18,7 +18,7 @@ from shoal.config import Peer, Settings, TLSFiles
 from shoal.discovery.base import Propose
 from shoal.node import Node
 
-COOKIE = "test-cookie-mesh-20"
+COOKIE = "test-cookie-mesh-20-a7b6c5d4e3f21098"
 # 127.0.20.0/24 is this directory's range; other tests use other ranges.
 _HOSTS = itertools.cycle(f"127.0.20.{i}" for i in range(2, 250))
 
@@ -49,6 +49,12 @@ class Proposals:
             self._propose(peers)
 
 
+# Every node listens on the same mesh port, on its own address, as the contract
+# says (SHOAL_PORT is the same on every node): addresses learned from peers are
+# dialed on our own mesh port only.
+MESH_PORT = 4370
+
+
 def settings_for(
     host: str, cookie: str = COOKIE, tls: TLSFiles | None = None, **overrides: Any
 ) -> Settings:
@@ -57,7 +63,7 @@ def settings_for(
         basename="hi",
         name_query="hi",
         host=host,
-        port=free_port(host),
+        port=MESH_PORT,
         topology="static",
         heartbeat_interval=0.2,
         failure_timeout=2.0,

@@ -145,7 +145,7 @@ async def test_silent_and_garbage_clients_are_dropped_before_tls_completes(
     assert garbage_after < HANDSHAKE_TIMEOUT
     assert HANDSHAKE_TIMEOUT * 0.9 <= silent_after <= HANDSHAKE_TIMEOUT + 1.0
     assert node.mesh is not None
-    await async_wait_until(lambda: node.mesh._handshaking.total() == 0, timeout=2)  # type: ignore[union-attr]
+    await async_wait_until(lambda: node.mesh.admission.total == 0, timeout=2)  # type: ignore[union-attr]
 
 
 async def test_a_client_without_a_certificate_is_refused(

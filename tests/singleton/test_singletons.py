@@ -14,7 +14,7 @@ from shoal.singleton import SingletonContext
 from tests.support.postgres import running_postgres, unavailable_reason
 from tests.support.procs import async_wait_until
 
-COOKIE = "singleton-test-cookie"
+COOKIE = "singleton-test-cookie-3f2e1d0c9b8a7654"
 
 
 class Gate:

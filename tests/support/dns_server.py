@@ -63,10 +63,18 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
 
 
 class _Handler(DNSHandler):  # type: ignore[misc]
-    """Drops queries in "timeout" mode instead of answering (the resolver times out)."""
+    """Drops queries in "timeout" mode, or of a type in `silent_types`, instead of answering."""
 
     def handle(self) -> None:
         server: LocalDNSServer = self.server.owner
+        if server.silent_types and self.server.socket_type == socket.SOCK_DGRAM:
+            try:
+                qtype = QTYPE[DNSRecord.parse(self.request[0]).q.qtype]
+            except Exception:
+                qtype = None
+            if qtype in server.silent_types:
+                server._count("(dropped)", str(qtype))
+                return
         if server.mode == "timeout":
             server._count("(dropped)", "-")
             if self.server.socket_type == socket.SOCK_STREAM:
@@ -90,6 +98,8 @@ class LocalDNSServer:
         self.port = 0
         self.ttl = ttl
         self.mode: Mode = "ok"
+        # Record types (e.g. "AAAA") whose UDP queries are never answered.
+        self.silent_types: set[str] = set()
         self.queries: dict[tuple[str, str], int] = {}
         self._records: dict[str, list[str]] = {}
         self._lock = threading.Lock()

@@ -25,7 +25,7 @@ import httpx
 from tests.support.procs import Proc, Procs, wait_until
 
 HI = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "hi")
-COOKIE = "test-cookie-0123456789abcdef"
+COOKIE = "test-cookie-0123456789abcdef-9f8e7d6c"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -144,7 +144,12 @@ async def _nameserver_address(host: str, port: int) -> str:
 
 
 async def _lookup(resolver: dns.asyncresolver.Resolver, name: str, lifetime: float) -> list[str]:
-    """A and AAAA in parallel; an empty answer for one type is not an error."""
+    """A and AAAA in parallel, used independently.
+
+    An empty answer for one type is not an error, and neither is a failure of
+    one type while the other answers (a nameserver that never answers AAAA
+    must not disable discovery): only when both fail is the round lost.
+    """
     # return_exceptions: when both queries fail, the second failure is still
     # retrieved (no "exception was never retrieved" noise in the log).
     results = await asyncio.gather(
@@ -156,10 +161,13 @@ async def _lookup(resolver: dns.asyncresolver.Resolver, name: str, lifetime: flo
         ),
         return_exceptions=True,
     )
+    answers = [r for r in results if not isinstance(r, BaseException)]
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if answers and failures:
+        log.debug("DNS discovery: one record type of %s failed: %r", name, failures[0])
     try:
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        if not answers:
+            raise failures[0]
     except dns.resolver.NXDOMAIN:
         raise DNSLookupError("nxdomain", f"{name} does not exist (NXDOMAIN)") from None
     except dns.exception.Timeout:
@@ -171,8 +179,8 @@ async def _lookup(resolver: dns.asyncresolver.Resolver, name: str, lifetime: flo
     except dns.exception.DNSException as exc:
         raise DNSLookupError("error", f"lookup of {name} failed: {exc}") from None
     ips: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
-    for answer in results:
-        for rdata in answer:  # type: ignore[union-attr]
+    for answer in answers:
+        for rdata in answer:
             ips.add(ipaddress.ip_address(rdata.address))
     return [str(ip) for ip in sorted(ips, key=lambda ip: (ip.version, ip))]
 

@@ -10,7 +10,8 @@ are dropped before anything in them is believed.
 
 Datagram layout: `b"SHG1"` + 32-byte tag + msgpack payload, where
 `tag = HMAC-SHA256(key, b"SHG1" + payload)` and
-`key = HMAC-SHA256(cookie, b"shoal gossip v1")`.
+`key = scrypt(cookie)` (`shoal.crypto.stretch`: slow, so a captured beacon
+does not help guess the cookie).
 
 Several nodes on one machine (loopback aliases 127.0.0.x, or containers
 sharing a host network) share the group: the socket is bound with
@@ -38,6 +39,8 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
+from shoal import crypto
+from shoal.admission import MAX_LEARNED_PEERS, learned_address_allowed
 from shoal.config import Peer, Settings
 from shoal.discovery.base import Propose
 from shoal.ratelimit import RateLimitedLog
@@ -61,7 +64,7 @@ RECENT_INTERVALS = 3
 
 def gossip_key(cookie: str) -> bytes:
     """The beacon key: derived from the cookie so the cookie is never used directly."""
-    return hmac.new(cookie.encode(), b"shoal gossip v1", hashlib.sha256).digest()
+    return crypto.stretch(cookie, b"gossip")
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,8 @@ def decode_beacon(key: bytes, data: bytes, now: float | None = None) -> Beacon:
         and 0 < fields[2] < 65536
         and 0 < len(fields[0]) <= 64
         and "@" not in fields[0]
+        and fields[0].isprintable()
+        and not any(c.isspace() for c in fields[0])
     ):
         raise BeaconError("malformed", "unexpected payload fields")
     try:
@@ -228,7 +233,17 @@ class GossipStrategy:
                 self.settings.name_query,
             )
             return
-        self._heard[Peer(beacon.basename, beacon.host, beacon.port)] = time.monotonic()
+        if beacon.port != self.settings.port or not learned_address_allowed(
+            beacon.host, self.settings.host
+        ):
+            # Dial policy (shoal.admission): our mesh port only, no loopback etc.
+            self._drop("policy", addr, f"will not dial {beacon.host}:{beacon.port}")
+            return
+        peer = Peer(beacon.basename, beacon.host, beacon.port)
+        if peer not in self._heard and len(self._heard) >= MAX_LEARNED_PEERS:
+            self._drop("too-many", addr, f"already {len(self._heard)} peers heard")
+            return
+        self._heard[peer] = time.monotonic()
 
     def _fresh_nonce(self, beacon: Beacon) -> bool:
         now = time.monotonic()
