@@ -10,6 +10,7 @@ import pytest
 from hi.app import create_app, max_body_bytes
 
 from shoal import ConfigError, Node, Settings
+from tests.support.hi import COOKIE
 
 HOST = "127.0.10.51"
 
@@ -22,7 +23,7 @@ def free_port(host: str) -> int:
 
 @pytest.fixture
 async def node() -> AsyncIterator[Node]:
-    node = Node(Settings(cookie="inprocess", host=HOST, port=free_port(HOST), topology="static"))
+    node = Node(Settings(cookie=COOKIE, host=HOST, port=free_port(HOST), topology="static"))
     await node.start()
     try:
         yield node

@@ -11,6 +11,7 @@ from hi.app import create_app
 from hi.pages import render_page
 
 from shoal import Node, Settings
+from tests.support.hi import COOKIE
 
 
 def free_port(host: str) -> int:
@@ -65,7 +66,7 @@ def test_page_escapes_everything_it_shows() -> None:
 async def test_the_loop_blocking_endpoint_exists_only_with_hi_debug_faults(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    node = Node(Settings(cookie="inprocess", host="127.0.10.51", port=4370, topology="static"))
+    node = Node(Settings(cookie=COOKIE, host="127.0.10.51", port=4370, topology="static"))
     monkeypatch.delenv("HI_DEBUG_FAULTS", raising=False)
     plain = httpx.ASGITransport(app=create_app(node))
     async with httpx.AsyncClient(transport=plain, base_url="http://hi") as client:

@@ -63,7 +63,11 @@ def test_metrics_of_membership_messaging_singletons_and_jobs(procs: Procs, tmp_p
     HiNode.start(
         procs,
         "127.0.61.4",
-        env={**env, "SHOAL_HOSTS": hosts_list([*hosts, "127.0.61.4"]), "RELEASE_COOKIE": "x" * 32},
+        env={
+            **env,
+            "SHOAL_HOSTS": hosts_list([*hosts, "127.0.61.4"]),
+            "RELEASE_COOKIE": "another-cluster-9c1f0e7d2b4a6385",
+        },
     )
     wait_until(
         lambda: any(

@@ -21,7 +21,7 @@ import pytest
 from shoal import Busy, ConfigError, MessageTooLarge, NodeDown, RemoteError, ReplyTooLarge
 from shoal.mesh import MembershipEvent
 from shoal.node import Node
-from tests.mesh.conftest import NodeFactory, peer_of, settings_for
+from tests.mesh.conftest import COOKIE, NodeFactory, peer_of, settings_for
 from tests.support.procs import async_wait_until
 
 KIB = 1024
@@ -194,7 +194,7 @@ def test_limits_come_from_the_environment() -> None:
     from shoal import Settings
 
     env = {
-        "RELEASE_COOKIE": "x" * 20,
+        "RELEASE_COOKIE": COOKIE,
         "NODE_HOST": "127.0.0.1",
         "SHOAL_MAX_FRAME_BYTES": str(1024 * KIB),
         "SHOAL_MAX_SEND_BUFFER_BYTES": str(32 * 1024 * KIB),
@@ -204,7 +204,7 @@ def test_limits_come_from_the_environment() -> None:
     settings = Settings.from_env(env)
     assert (settings.max_frame_size, settings.max_send_buffer) == (1024 * KIB, 32 * 1024 * KIB)
     assert (settings.max_inflight_per_peer, settings.handler_threads) == (10, 4)
-    defaults = Settings.from_env({"RELEASE_COOKIE": "x" * 20, "NODE_HOST": "127.0.0.1"})
+    defaults = Settings.from_env({"RELEASE_COOKIE": COOKIE, "NODE_HOST": "127.0.0.1"})
     assert defaults.max_frame_size == 512 * KIB
 
 

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shoal import Node, Settings
 from shoal.metrics import NodeMetrics, handshake_reason
 from shoal.scheduler import JobState, Misfire
+from tests.support.hi import COOKIE
 from tests.support.procs import async_wait_until
 
 
@@ -31,7 +32,7 @@ def sample(metrics: NodeMetrics, name: str, **labels: str) -> float:
 async def test_missed_ticks_are_counted_by_policy(
     misfire: Misfire, runs: int, skipped: int
 ) -> None:
-    node = Node(Settings(cookie="metrics-hooks", host="127.0.0.1", port=1, topology="static"))
+    node = Node(Settings(cookie=COOKIE, host="127.0.0.1", port=1, topology="static"))
     metrics = NodeMetrics(node)
     scheduler = node.scheduler
     scheduler.dispatcher = None  # run here: the node is not started, so holds no singleton

@@ -8,6 +8,7 @@ import time
 
 from shoal import Node, Settings
 from shoal.singleton import SingletonContext
+from tests.support.hi import COOKIE
 from tests.support.procs import async_wait_until
 
 HOST = "127.0.10.52"
@@ -20,9 +21,7 @@ def free_port(host: str) -> int:
 
 
 async def test_a_sync_singleton_runs_in_a_thread_until_it_is_no_longer_valid() -> None:
-    node = Node(
-        Settings(cookie="sync-singleton", host=HOST, port=free_port(HOST), topology="static")
-    )
+    node = Node(Settings(cookie=COOKIE, host=HOST, port=free_port(HOST), topology="static"))
     seen: list[tuple[str, bool]] = []
     finished = threading.Event()
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from shoal import wire
 from shoal.config import Settings
 
-DEFAULT_LIMIT = Settings(cookie="x").max_frame_size
+DEFAULT_LIMIT = Settings(cookie="x", allow_weak_cookie=True).max_frame_size
 
 
 def _array(item: bytes, size: int) -> bytes:
