@@ -1,0 +1,456 @@
+"""Rolling restarts of the compose cluster under load: the zero-downtime proof.
+
+    sudo .venv/bin/python -m tests.deploy.rolling             # both orders, 200 req/s, >= 60 s
+    sudo .venv/bin/python -m tests.deploy.rolling --order ecs --rate 300
+
+The cluster is the shipped compose file (2 vegeta + 2 krillin + HAProxy),
+with the image built offline from stand-in base images. Every app container
+is replaced one by one, in one of two orders:
+
+- `ecs`: start a new one, wait until HAProxy routes to it, SIGTERM the old
+  one (ECS with minimum 100 % / maximum 200 %);
+- `compose`: SIGTERM the old one, then start a new one.
+
+Meanwhile a load generator sends `--rate` requests a second through HAProxy
+to `/` and `/krillin`, and clients hold `/wait/{key}` while their events are
+POSTed through HAProxy (which lands them on another node about half of the
+time). The summary counts failed requests, non-2xx answers, lost events,
+cron ticks missed or run twice, and the latencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import io
+import json
+import os
+import random
+import secrets
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.deploy.deploy_helpers import COMPOSE_FILE, HAPROXY_CFG, compose_cli
+from tests.deploy.docker_env import (
+    HAPROXY_CONFIG_PATH,
+    build_image,
+    build_wheels,
+    docker,
+    standin_images,
+)
+
+SERVICES = {"vegeta": ("/", "*/5"), "krillin": ("/krillin", "*/7")}
+REQUEST_TIMEOUT_S = 10.0
+WAIT_S = 20.0
+EVENT_DELAY_S = 1.0
+READY_DEADLINE_S = 90.0
+STOP_TIMEOUT_S = 90
+
+
+@dataclass
+class Summary:
+    order: str
+    seconds: float = 0.0
+    requests: int = 0
+    failed: int = 0
+    non_2xx: Counter[int] = field(default_factory=Counter)
+    max_latency_s: float = 0.0
+    p99_latency_s: float = 0.0
+    waits: int = 0
+    waits_cross_node: int = 0
+    events_lost: int = 0
+    ticks_expected: int = 0
+    ticks_missed: int = 0
+    ticks_twice: int = 0
+    replaced: list[str] = field(default_factory=list)
+    exit_codes: list[int] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def clean(self) -> bool:
+        return (
+            self.failed == 0
+            and not self.non_2xx
+            and self.events_lost == 0
+            and self.ticks_missed == 0
+            and self.ticks_twice == 0
+            and all(code == 0 for code in self.exit_codes)
+        )
+
+    def text(self) -> str:
+        return (
+            f"order={self.order}: {self.requests} requests in {self.seconds:.0f} s "
+            f"({self.rate:.0f}/s), failed {self.failed}, non-2xx {sum(self.non_2xx.values())}"
+            f" {dict(self.non_2xx) or ''}, max latency {self.max_latency_s * 1000:.0f} ms "
+            f"(p99 {self.p99_latency_s * 1000:.0f} ms); /wait {self.waits} "
+            f"({self.waits_cross_node} across nodes), events lost {self.events_lost}; ticks "
+            f"{self.ticks_expected}, missed {self.ticks_missed}, run twice {self.ticks_twice}; "
+            f"{len(self.replaced)} containers replaced, exit codes {sorted(set(self.exit_codes))}"
+            + (f"; errors {dict(self.errors)}" if self.errors else "")
+        )
+
+
+class Cluster:
+    """One compose project of the shipped file, with test images and loopback ports."""
+
+    def __init__(self, project: str, image: str, haproxy_image: str, workdir: Path) -> None:
+        cli = compose_cli()
+        if cli is None:
+            raise RuntimeError("neither `docker compose` nor `docker-compose` is installed")
+        self.project = project
+        self.http_port = random.randint(20000, 29999)
+        self.stats_port = self.http_port + 10000
+        override = workdir / "override.yml"
+        override.write_text(
+            json.dumps(
+                {
+                    "version": "3.8",
+                    "services": {
+                        "vegeta": {"image": image},
+                        "krillin": {"image": image},
+                        "lb": {
+                            "image": haproxy_image,
+                            "ports": [
+                                f"127.0.0.1:{self.http_port}:8080",
+                                f"127.0.0.1:{self.stats_port}:8404",
+                            ],
+                            "volumes": [f"{HAPROXY_CFG}:{HAPROXY_CONFIG_PATH}:ro"],
+                        },
+                    },
+                }
+            )
+        )
+        self.base = [*cli, "-p", project, "-f", str(COMPOSE_FILE), "-f", str(override)]
+        self.env = {**os.environ, "RELEASE_COOKIE": secrets.token_hex(32)}
+        self.logs: dict[str, str] = {}
+
+    def compose(self, *args: str, timeout: float = 300) -> str:
+        result = subprocess.run(
+            [*self.base, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"compose {' '.join(args)}: {result.stderr[-2000:]}")
+        return result.stdout
+
+    def up(self) -> None:
+        self.compose("up", "-d", "--no-build")
+
+    def down(self) -> None:
+        with contextlib.suppress(Exception):
+            self.compose("down", "-v", "--remove-orphans", "-t", "5", timeout=180)
+
+    def containers(self, service: str) -> list[str]:
+        """Running container ids of `service`, oldest first."""
+        out = docker(
+            "ps",
+            "-q",
+            "--filter",
+            f"label=com.docker.compose.project={self.project}",
+            "--filter",
+            f"label=com.docker.compose.service={service}",
+        )
+        ids = out.split()
+        created = {cid: docker("inspect", "-f", "{{.Created}}", cid).strip() for cid in ids}
+        return sorted(ids, key=lambda cid: created[cid])
+
+    def address(self, cid: str) -> str:
+        return docker(
+            "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", cid
+        ).strip()
+
+    def scale(self, service: str, count: int) -> list[str]:
+        """Start containers until `service` has `count`; the new ids."""
+        before = set(self.containers(service))
+        self.compose(
+            "up",
+            "-d",
+            "--no-build",
+            "--no-deps",
+            "--no-recreate",
+            "--scale",
+            f"{service}={count}",
+            service,
+        )
+        return [cid for cid in self.containers(service) if cid not in before]
+
+    def stop(self, cid: str) -> int:
+        """SIGTERM (docker stop), wait for the exit, keep its logs, remove it: the exit code."""
+        docker("stop", "-t", str(STOP_TIMEOUT_S), cid, timeout=STOP_TIMEOUT_S + 30)
+        code = int(docker("inspect", "-f", "{{.State.ExitCode}}", cid).strip())
+        self.logs[cid] = docker("logs", "--timestamps", cid, timeout=60)
+        docker("rm", cid)
+        return code
+
+    def collect_logs(self) -> None:
+        for service in SERVICES:
+            for cid in self.containers(service):
+                self.logs[cid] = docker("logs", "--timestamps", cid, timeout=60)
+
+    def lb_view(self) -> dict[str, dict[str, str]]:
+        """HAProxy's servers per backend: address -> status (UP, DOWN, MAINT...)."""
+        url = f"http://127.0.0.1:{self.stats_port}/stats;csv"
+        with httpx.Client(timeout=3) as client:
+            text = client.get(url).text.lstrip("# ")
+        view: dict[str, dict[str, str]] = {name: {} for name in SERVICES}
+        for row in csv.DictReader(io.StringIO(text)):
+            if row["pxname"] in view and row["svname"] not in ("FRONTEND", "BACKEND"):
+                addr = (row.get("addr") or "").rsplit(":", 1)[0]
+                if addr:
+                    view[row["pxname"]][addr] = row["status"]
+        return view
+
+    def wait_routed(self, service: str, cids: list[str], deadline_s: float) -> None:
+        """Until HAProxy has every one of `cids` UP (its /ready passed twice)."""
+        addresses = {self.address(cid) for cid in cids}
+        deadline = time.monotonic() + deadline_s
+        while True:
+            try:
+                view = self.lb_view()[service]
+                if all(view.get(a, "").startswith("UP") for a in addresses):
+                    return
+            except (httpx.HTTPError, KeyError):
+                view = {}
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{service} {addresses} not UP in HAProxy: {view}")
+            time.sleep(0.25)
+
+
+class Load:
+    """Open-loop HTTP load through HAProxy, plus /wait clients and their events."""
+
+    def __init__(self, port: int, rate: float, summary: Summary) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.rate = rate
+        self.summary = summary
+        self.latencies: list[float] = []
+        self.stopping = asyncio.Event()
+        self.pending: set[asyncio.Task[None]] = set()
+
+    def _record(self, started: float, status: int | None, error: str | None = None) -> float:
+        latency = time.monotonic() - started
+        self.summary.requests += 1
+        if error is not None:
+            self.summary.failed += 1
+            self.summary.errors[error] += 1
+        elif status is not None and not 200 <= status < 300:
+            self.summary.non_2xx[status] += 1
+        return latency
+
+    async def _get(self, client: httpx.AsyncClient, path: str) -> None:
+        started = time.monotonic()
+        try:
+            response = await client.get(path, timeout=REQUEST_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            self._record(started, None, type(exc).__name__)
+            return
+        self.latencies.append(self._record(started, response.status_code))
+
+    async def _wait_and_event(self, client: httpx.AsyncClient, prefix: str) -> None:
+        key = secrets.token_hex(8)
+        prefix = prefix.rstrip("/")
+        started = time.monotonic()
+        waiting = asyncio.create_task(
+            client.get(f"{prefix}/wait/{key}", params={"timeout": WAIT_S}, timeout=WAIT_S + 10)
+        )
+        await asyncio.sleep(EVENT_DELAY_S)
+        posted = time.monotonic()
+        sender = None
+        try:
+            event = await client.post(f"{prefix}/event/{key}", timeout=REQUEST_TIMEOUT_S)
+            latency = self._record(posted, event.status_code)
+            if event.status_code == 202:
+                self.latencies.append(latency)
+                sender = event.json()["published"]["from"]
+        except httpx.HTTPError as exc:
+            self._record(posted, None, "event " + type(exc).__name__)
+        self.summary.waits += 1
+        try:
+            response = await waiting
+        except httpx.HTTPError as exc:
+            self._record(started, None, "wait " + type(exc).__name__)
+            self.summary.events_lost += 1
+            return
+        self._record(started, response.status_code)
+        if response.status_code != 200:
+            self.summary.events_lost += 1
+            return
+        if sender is not None and response.json()["received_on"] != sender:
+            self.summary.waits_cross_node += 1
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def run(self) -> None:
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=100)
+        async with httpx.AsyncClient(base_url=self.base, limits=limits) as client:
+            interval = 1.0 / self.rate
+            started = time.monotonic()
+            sent = 0
+            paths = [path for path, _ in SERVICES.values()]
+            while not self.stopping.is_set():
+                due = started + sent * interval
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if len(self.pending) < 2000:
+                    self._spawn(self._get(client, paths[sent % 2]))
+                    if sent % 50 == 0:  # 4 /wait clients a second at 200 req/s
+                        self._spawn(self._wait_and_event(client, paths[(sent // 50) % 2]))
+                else:
+                    self.summary.errors["generator saturated"] += 1
+                sent += 1
+            if self.pending:
+                await asyncio.wait(set(self.pending), timeout=WAIT_S + 20)
+
+
+def tick_report(logs: dict[str, str], start: float, end: float, summary: Summary) -> None:
+    """Count each service's cron ticks in [start, end): missing ones and doubled ones."""
+    runs: dict[str, Counter[int]] = {name: Counter() for name in SERVICES}
+    for text in logs.values():
+        for line in text.splitlines():
+            if "Job running on: " not in line:
+                continue
+            stamp, _, rest = line.partition(" ")
+            node = rest.split("Job running on: ", 1)[1].split(" ", 1)[0]
+            service = next((s for s in SERVICES if node.startswith(s)), None)
+            if service is None:
+                continue
+            at = datetime.fromisoformat(stamp[:26].rstrip("Z") + "+00:00").timestamp()
+            step = int(SERVICES[service][1].lstrip("*/"))
+            minute = int(at // 60) * 60
+            runs[service][minute + int((at - minute) // step) * step] += 1
+    for service, counter in runs.items():
+        step = int(SERVICES[service][1].lstrip("*/"))
+        expected = [
+            minute + second
+            for minute in range(int(start // 60) * 60, int(end) + 60, 60)
+            for second in range(0, 60, step)
+            if start <= minute + second < end
+        ]
+        summary.ticks_expected += len(expected)
+        summary.ticks_missed += sum(1 for tick in expected if counter[tick] == 0)
+        summary.ticks_twice += sum(1 for tick in expected if counter[tick] > 1)
+
+
+def replace_all(cluster: Cluster, order: str, summary: Summary, per_service: int) -> None:
+    """Replace the first `per_service` containers of each service one by one, in `order`."""
+    for service in SERVICES:
+        for old in cluster.containers(service)[:per_service]:
+            if order == "ecs":
+                new = cluster.scale(service, 3)
+                cluster.wait_routed(service, new, READY_DEADLINE_S)
+                summary.exit_codes.append(cluster.stop(old))
+            else:
+                summary.exit_codes.append(cluster.stop(old))
+                new = cluster.scale(service, 2)
+                cluster.wait_routed(service, new, READY_DEADLINE_S)
+            summary.replaced.append(f"{service}:{old[:12]}->{','.join(c[:12] for c in new)}")
+
+
+def wait_clustered(cluster: Cluster) -> None:
+    """Until every service has 2 containers UP in HAProxy and each sees one peer."""
+    deadline = time.monotonic() + READY_DEADLINE_S
+    for service, (path, _) in SERVICES.items():
+        cluster.wait_routed(service, cluster.containers(service), READY_DEADLINE_S)
+        url = f"http://127.0.0.1:{cluster.http_port}{path.rstrip('/')}/cluster"
+        while True:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                views = [httpx.get(url, timeout=3).json() for _ in range(4)]
+                if all(len(view["nodes"]) == 1 for view in views):
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{service} did not cluster")
+            time.sleep(0.5)
+
+
+async def measure(
+    cluster: Cluster, order: str, rate: float, min_seconds: float, per_service: int
+) -> Summary:
+    summary = Summary(order)
+    load = Load(cluster.http_port, rate, summary)
+    loader = asyncio.create_task(load.run())
+    started = time.time()
+    monotonic = time.monotonic()
+    await asyncio.sleep(3)  # load before the first replacement
+    await asyncio.to_thread(replace_all, cluster, order, summary, per_service)
+    await asyncio.to_thread(wait_clustered, cluster)
+    remaining = min_seconds - (time.monotonic() - monotonic)
+    await asyncio.sleep(max(3.0, remaining))
+    load.stopping.set()
+    await loader
+    ended = time.time()
+    summary.seconds = time.monotonic() - monotonic
+    latencies = sorted(load.latencies)
+    if latencies:
+        summary.max_latency_s = latencies[-1]
+        summary.p99_latency_s = latencies[int(len(latencies) * 0.99)]
+    cluster.collect_logs()
+    # Ticks whose runs fall inside the measured window (a run logs just after its tick).
+    tick_report(cluster.logs, started + 1, ended - 2, summary)
+    return summary
+
+
+def prepare_images(tag: str) -> tuple[str, str]:
+    """The stand-in bases (cached by tag) and the hi image, built offline."""
+    python_base, haproxy_base = standin_images()
+    build_wheels()
+    build_image(tag, buildkit=False, base=python_base)
+    return tag, haproxy_base
+
+
+def run(
+    orders: list[str], rate: float, min_seconds: float, per_service: int, workdir: Path
+) -> list[Summary]:
+    image, haproxy_image = prepare_images("shoal-test/hi:rolling")
+    summaries = []
+    for order in orders:
+        cluster = Cluster(f"shoalroll{os.getpid()}{order}", image, haproxy_image, workdir)
+        try:
+            cluster.up()
+            wait_clustered(cluster)
+            summary = asyncio.run(measure(cluster, order, rate, min_seconds, per_service))
+        finally:
+            cluster.down()
+        print(summary.text(), flush=True)
+        summaries.append(summary)
+    return summaries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--order", choices=["ecs", "compose", "both"], default="both")
+    parser.add_argument("--rate", type=float, default=200.0, help="requests a second")
+    parser.add_argument("--min-seconds", type=float, default=60.0)
+    parser.add_argument("--per-service", type=int, default=2, help="containers to replace")
+    args = parser.parse_args()
+    orders = ["ecs", "compose"] if args.order == "both" else [args.order]
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="shoal-rolling-") as tmp:
+        summaries = run(orders, args.rate, args.min_seconds, args.per_service, Path(tmp))
+    sys.exit(0 if all(s.clean for s in summaries) else 1)
+
+
+if __name__ == "__main__":
+    main()
