@@ -28,7 +28,9 @@ import io
 import json
 import os
 import random
+import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -104,6 +106,18 @@ class Summary:
         )
 
 
+def container_logs(cid: str) -> str:
+    """A container's output, stdout and stderr (where the nodes log), time-stamped."""
+    return subprocess.run(
+        ["docker", "logs", "--timestamps", cid],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+
 class Cluster:
     """One compose project of the shipped file, with test images and loopback ports."""
 
@@ -124,10 +138,8 @@ class Cluster:
                         "krillin": {"image": image},
                         "lb": {
                             "image": haproxy_image,
-                            "ports": [
-                                f"127.0.0.1:{self.http_port}:8080",
-                                f"127.0.0.1:{self.stats_port}:8404",
-                            ],
+                            # compose adds these to the file's HI_HTTP_PORT mapping.
+                            "ports": [f"127.0.0.1:{self.stats_port}:8404"],
                             "volumes": [f"{HAPROXY_CFG}:{HAPROXY_CONFIG_PATH}:ro"],
                         },
                     },
@@ -135,7 +147,11 @@ class Cluster:
             )
         )
         self.base = [*cli, "-p", project, "-f", str(COMPOSE_FILE), "-f", str(override)]
-        self.env = {**os.environ, "RELEASE_COOKIE": secrets.token_hex(32)}
+        self.env = {
+            **os.environ,
+            "RELEASE_COOKIE": secrets.token_hex(32),
+            "HI_HTTP_PORT": f"127.0.0.1:{self.http_port}",
+        }
         self.logs: dict[str, str] = {}
 
     def compose(self, *args: str, timeout: float = 300) -> str:
@@ -153,6 +169,15 @@ class Cluster:
 
     def up(self) -> None:
         self.compose("up", "-d", "--no-build")
+
+    def save_logs(self, directory: Path) -> None:
+        """Every container's output (removed ones too), HAProxy's included, one file each."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.collect_logs()
+        for cid in self.containers("lb"):
+            self.logs[cid] = container_logs(cid)
+        for cid, text in self.logs.items():
+            (directory / f"{self.project}-{cid[:12]}.log").write_text(text)
 
     def down(self) -> None:
         with contextlib.suppress(Exception):
@@ -196,14 +221,14 @@ class Cluster:
         """SIGTERM (docker stop), wait for the exit, keep its logs, remove it: the exit code."""
         docker("stop", "-t", str(STOP_TIMEOUT_S), cid, timeout=STOP_TIMEOUT_S + 30)
         code = int(docker("inspect", "-f", "{{.State.ExitCode}}", cid).strip())
-        self.logs[cid] = docker("logs", "--timestamps", cid, timeout=60)
+        self.logs[cid] = container_logs(cid)
         docker("rm", cid)
         return code
 
     def collect_logs(self) -> None:
         for service in SERVICES:
             for cid in self.containers(service):
-                self.logs[cid] = docker("logs", "--timestamps", cid, timeout=60)
+                self.logs[cid] = container_logs(cid)
 
     def lb_view(self) -> dict[str, dict[str, str]]:
         """HAProxy's servers per backend: address -> status (UP, DOWN, MAINT...)."""
@@ -234,8 +259,33 @@ class Cluster:
             time.sleep(0.25)
 
 
+def parse_hey(text: str) -> tuple[Counter[int], Counter[str], float, float]:
+    """hey's summary: status codes, errors, slowest and 99th-percentile latency (s)."""
+    statuses: Counter[int] = Counter()
+    errors: Counter[str] = Counter()
+    slowest = p99 = 0.0
+    section = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.endswith("distribution:"):
+            section = stripped
+            continue
+        if stripped.startswith("Slowest:"):
+            slowest = float(stripped.split()[1])
+        elif section.startswith("Latency") and stripped.startswith("99%"):
+            p99 = float(stripped.split()[2])
+        elif section.startswith("Status") and stripped.startswith("["):
+            code, count = re.match(r"\[(\d+)\]\s+(\d+)", stripped).groups()  # type: ignore[union-attr]
+            statuses[int(code)] += int(count)
+        elif section.startswith("Error") and stripped.startswith("["):
+            count, message = re.match(r"\[(\d+)\]\s+(.*)", stripped).groups()  # type: ignore[union-attr]
+            errors[message.rsplit(": ", 1)[-1][:80]] += int(count)
+    return statuses, errors, slowest, p99
+
+
 class Load:
-    """Open-loop HTTP load through HAProxy, plus /wait clients and their events."""
+    """`rate` requests a second through HAProxy to / and /krillin (`hey`, half each),
+    plus /wait clients whose events are POSTed through HAProxy too."""
 
     def __init__(self, port: int, rate: float, summary: Summary) -> None:
         self.base = f"http://127.0.0.1:{port}"
@@ -254,15 +304,6 @@ class Load:
         elif status is not None and not 200 <= status < 300:
             self.summary.non_2xx[status] += 1
         return latency
-
-    async def _get(self, client: httpx.AsyncClient, path: str) -> None:
-        started = time.monotonic()
-        try:
-            response = await client.get(path, timeout=REQUEST_TIMEOUT_S)
-        except httpx.HTTPError as exc:
-            self._record(started, None, type(exc).__name__)
-            return
-        self.latencies.append(self._record(started, response.status_code))
 
     async def _wait_and_event(self, client: httpx.AsyncClient, prefix: str) -> None:
         key = secrets.token_hex(8)
@@ -302,26 +343,54 @@ class Load:
         task.add_done_callback(self.pending.discard)
 
     async def run(self) -> None:
-        limits = httpx.Limits(max_connections=400, max_keepalive_connections=100)
-        async with httpx.AsyncClient(base_url=self.base, limits=limits) as client:
-            interval = 1.0 / self.rate
-            started = time.monotonic()
-            sent = 0
-            paths = [path for path, _ in SERVICES.values()]
-            while not self.stopping.is_set():
-                due = started + sent * interval
-                delay = due - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if len(self.pending) < 2000:
-                    self._spawn(self._get(client, paths[sent % 2]))
-                    if sent % 50 == 0:  # 4 /wait clients a second at 200 req/s
-                        self._spawn(self._wait_and_event(client, paths[(sent // 50) % 2]))
-                else:
-                    self.summary.errors["generator saturated"] += 1
-                sent += 1
-            if self.pending:
-                await asyncio.wait(set(self.pending), timeout=WAIT_S + 20)
+        # hey paces each worker: many slow-paced workers keep the rate when some
+        # responses are slow. Stopped by SIGINT, after which it prints its summary.
+        workers = 50
+        per_worker = self.rate / len(SERVICES) / workers
+        heys = [
+            await asyncio.create_subprocess_exec(
+                "hey",
+                "-z",
+                "3600s",
+                "-c",
+                str(workers),
+                "-q",
+                f"{per_worker:g}",
+                "-t",
+                str(int(REQUEST_TIMEOUT_S)),
+                self.base + path,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            for path, _ in SERVICES.values()
+        ]
+        outputs = [asyncio.create_task(h.communicate()) for h in heys]
+        try:
+            async with httpx.AsyncClient(base_url=self.base) as client:
+                paths = [path for path, _ in SERVICES.values()]
+                sent = 0
+                while not self.stopping.is_set():
+                    self._spawn(self._wait_and_event(client, paths[sent % 2]))
+                    sent += 1
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), 0.25)
+                if self.pending:
+                    await asyncio.wait(set(self.pending), timeout=WAIT_S + 20)
+        finally:
+            for hey in heys:
+                if hey.returncode is None:
+                    hey.send_signal(signal.SIGINT)
+            done = await asyncio.wait_for(asyncio.gather(*outputs), 60)
+        for stdout, _ in done:
+            statuses, errors, slowest, p99 = parse_hey(stdout.decode(errors="replace"))
+            self.summary.requests += sum(statuses.values()) + sum(errors.values())
+            self.summary.failed += sum(errors.values())
+            self.summary.errors.update(errors)
+            for code, count in statuses.items():
+                if not 200 <= code < 300:
+                    self.summary.non_2xx[code] += count
+            self.summary.max_latency_s = max(self.summary.max_latency_s, slowest)
+            self.summary.p99_latency_s = max(self.summary.p99_latency_s, p99)
 
 
 def tick_report(logs: dict[str, str], start: float, end: float, summary: Summary) -> None:
@@ -401,10 +470,8 @@ async def measure(
     await loader
     ended = time.time()
     summary.seconds = time.monotonic() - monotonic
-    latencies = sorted(load.latencies)
-    if latencies:
-        summary.max_latency_s = latencies[-1]
-        summary.p99_latency_s = latencies[int(len(latencies) * 0.99)]
+    if load.latencies:  # the events' POSTs (a /wait lasts until its event, by design)
+        summary.max_latency_s = max(summary.max_latency_s, *load.latencies)
     cluster.collect_logs()
     # Ticks whose runs fall inside the measured window (a run logs just after its tick).
     tick_report(cluster.logs, started + 1, ended - 2, summary)
@@ -420,7 +487,12 @@ def prepare_images(tag: str) -> tuple[str, str]:
 
 
 def run(
-    orders: list[str], rate: float, min_seconds: float, per_service: int, workdir: Path
+    orders: list[str],
+    rate: float,
+    min_seconds: float,
+    per_service: int,
+    workdir: Path,
+    logs: Path | None = None,
 ) -> list[Summary]:
     image, haproxy_image = prepare_images("shoal-test/hi:rolling")
     summaries = []
@@ -431,6 +503,8 @@ def run(
             wait_clustered(cluster)
             summary = asyncio.run(measure(cluster, order, rate, min_seconds, per_service))
         finally:
+            if logs is not None:
+                cluster.save_logs(logs)
             cluster.down()
         print(summary.text(), flush=True)
         summaries.append(summary)
@@ -443,12 +517,13 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="requests a second")
     parser.add_argument("--min-seconds", type=float, default=60.0)
     parser.add_argument("--per-service", type=int, default=2, help="containers to replace")
+    parser.add_argument("--logs", type=Path, help="keep every container's output here")
     args = parser.parse_args()
     orders = ["ecs", "compose"] if args.order == "both" else [args.order]
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="shoal-rolling-") as tmp:
-        summaries = run(orders, args.rate, args.min_seconds, args.per_service, Path(tmp))
+        summaries = run(orders, args.rate, args.min_seconds, args.per_service, Path(tmp), args.logs)
     sys.exit(0 if all(s.clean for s in summaries) else 1)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def test_rolling_restart_under_load_drops_nothing(
 ) -> None:
     """One container of each service replaced under 200 req/s: no failure, no non-2xx,
     no lost /wait event, every cron tick once."""
+    if shutil.which("hey") is None:
+        pytest.skip("the load generator `hey` is not installed (apt-get install hey)")
     image = f"{TAG}-rolling"
     build_image(image, buildkit=False, base=bases[0])
     cluster = rolling.Cluster(f"shoalpytest{os.getpid()}{order}", image, bases[1], tmp_path)
