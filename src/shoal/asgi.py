@@ -58,7 +58,7 @@ class DrainingServer(uvicorn.Server):
             log.warning("%s again: stopping now", signal.Signals(sig).name)
             self.force_exit = self.should_exit = True
             return
-        log.info("%s: draining", signal.Signals(sig).name)
+        log.info("%s: draining, then leaving the cluster", signal.Signals(sig).name)
         self._draining = asyncio.create_task(self.drain.run(self._stop_accepting))
 
     def _stop_accepting(self) -> None:

@@ -53,8 +53,10 @@ from tests.deploy.docker_env import (
 
 SERVICES = {"vegeta": ("/", "*/5"), "krillin": ("/krillin", "*/7")}
 REQUEST_TIMEOUT_S = 10.0
-WAIT_S = 20.0
-EVENT_DELAY_S = 1.0
+WAIT_S = 25.0
+# The event follows its /wait by more than a busy node takes to start handling
+# a request, so the wait is held when it comes (nothing is buffered for later).
+EVENT_DELAY_S = 3.0
 READY_DEADLINE_S = 90.0
 STOP_TIMEOUT_S = 90
 
@@ -77,6 +79,7 @@ class Summary:
     replaced: list[str] = field(default_factory=list)
     exit_codes: list[int] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    lost: list[str] = field(default_factory=list)  # what became of each lost event
 
     @property
     def rate(self) -> float:
@@ -103,6 +106,7 @@ class Summary:
             f"{self.ticks_expected}, missed {self.ticks_missed}, run twice {self.ticks_twice}; "
             f"{len(self.replaced)} containers replaced, exit codes {sorted(set(self.exit_codes))}"
             + (f"; errors {dict(self.errors)}" if self.errors else "")
+            + (f"; lost: {self.lost[:10]}" if self.lost else "")
         )
 
 
@@ -243,14 +247,38 @@ class Cluster:
                     view[row["pxname"]][addr] = row["status"]
         return view
 
+    def ready(self, cid: str) -> bool:
+        """The container's own /ready, asked from inside it."""
+        probe = (
+            "import os,urllib.request;"
+            "urllib.request.urlopen('http://127.0.0.1:'+os.environ['PORT']+'/ready',timeout=3)"
+        )
+        result = subprocess.run(
+            ["docker", "exec", cid, "python", "-c", probe],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        return result.returncode == 0
+
     def wait_routed(self, service: str, cids: list[str], deadline_s: float) -> None:
-        """Until HAProxy has every one of `cids` UP (its /ready passed twice)."""
-        addresses = {self.address(cid) for cid in cids}
+        """Until every one of `cids` is ready and then UP in HAProxy after a passed check,
+        as ECS waits for a new task to be healthy in its target group. (HAProxy shows an
+        address UP as soon as DNS returns it, and Docker may reuse a gone one's.)"""
         deadline = time.monotonic() + deadline_s
+        for cid in cids:
+            while not self.ready(cid):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{service} {cid[:12]} not ready")
+                time.sleep(0.25)
+        checked_after = time.monotonic()
+        addresses = {self.address(cid) for cid in cids}
         while True:
             try:
                 view = self.lb_view()[service]
-                if all(view.get(a, "").startswith("UP") for a in addresses):
+                up = all(view.get(a, "").startswith("UP") for a in addresses)
+                # HAProxy checks every second: one full round after the container was ready.
+                if up and time.monotonic() - checked_after > 2.5:
                     return
             except (httpx.HTTPError, KeyError):
                 view = {}
@@ -329,10 +357,14 @@ class Load:
         except httpx.HTTPError as exc:
             self._record(started, None, "wait " + type(exc).__name__)
             self.summary.events_lost += 1
+            self.summary.lost.append(f"{key}: wait {type(exc).__name__}, event from {sender}")
             return
         self._record(started, response.status_code)
         if response.status_code != 200:
             self.summary.events_lost += 1
+            self.summary.lost.append(
+                f"{key}: wait {response.status_code} {response.text[:60]!r}, event from {sender}"
+            )
             return
         if sender is not None and response.json()["received_on"] != sender:
             self.summary.waits_cross_node += 1

@@ -14,6 +14,7 @@ and leave the mesh.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,8 @@ from shoal.drain import Drain
 log = logging.getLogger("hi")
 
 EVENTS_TOPIC = "hi.events"
+# Serve HTTP (/health included) after this long even if discovery is not done.
+READY_BEFORE_HTTP_S = 10.0
 
 
 def cluster_view(node: Node) -> dict[str, Any]:
@@ -130,6 +133,11 @@ async def serve(node: Node, port: int, drain: Drain) -> int:
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return 1
+    # A load balancer may route to a new address before its first check (HAProxy
+    # does, on a DNS change): open HTTP once discovery has found the peers, so
+    # no request lands on a node that is not in the mesh yet.
+    with contextlib.suppress(TimeoutError):
+        await node.wait_ready(READY_BEFORE_HTTP_S)
     return await serve_http(
         create_app(node, drain),
         drain,
