@@ -377,8 +377,8 @@ class Load:
     async def run(self) -> None:
         # hey paces each worker: many slow-paced workers keep the rate when some
         # responses are slow. Stopped by SIGINT, after which it prints its summary.
-        workers = 50
-        per_worker = self.rate / len(SERVICES) / workers
+        per_worker = 0.5  # a worker waits for each answer: 2 s of latency keeps the pace
+        workers = max(1, round(self.rate / len(SERVICES) / per_worker))
         heys = [
             await asyncio.create_subprocess_exec(
                 "hey",

@@ -76,8 +76,9 @@ def test_image_builds_offline_with_buildkit(bases: tuple[str, str]) -> None:
 def test_rolling_restart_under_load_drops_nothing(
     bases: tuple[str, str], order: str, tmp_path: Path
 ) -> None:
-    """One container of each service replaced under 200 req/s: no failure, no non-2xx,
-    no lost /wait event, every cron tick once."""
+    """One container of each service replaced under 100 req/s: no failure, no non-2xx,
+    no lost /wait event, every cron tick once. (`python -m tests.deploy.rolling` is
+    the full run: every container, 200 req/s, 60 s.)"""
     if shutil.which("hey") is None:
         pytest.skip("the load generator `hey` is not installed (apt-get install hey)")
     image = f"{TAG}-rolling"
@@ -89,14 +90,14 @@ def test_rolling_restart_under_load_drops_nothing(
         import asyncio
 
         summary = asyncio.run(
-            rolling.measure(cluster, order, rate=200, min_seconds=20, per_service=1)
+            rolling.measure(cluster, order, rate=100, min_seconds=20, per_service=1)
         )
     finally:
         cluster.down()
         docker("rmi", "-f", image, check=False)
     print(summary.text())
     assert len(summary.replaced) == 2
-    assert summary.rate >= 150, summary.text()
+    assert summary.rate >= 80, summary.text()
     assert summary.failed == 0, summary.text()
     assert not summary.non_2xx, summary.text()
     assert summary.events_lost == 0 and summary.waits > 0, summary.text()
