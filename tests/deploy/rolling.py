@@ -552,8 +552,6 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, help="keep every container's output here")
     args = parser.parse_args()
     orders = ["ecs", "compose"] if args.order == "both" else [args.order]
-    # SIGTERM unwinds like Ctrl-C: the load stops and the compose projects come down.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="shoal-rolling-") as tmp:
