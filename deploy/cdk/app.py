@@ -6,6 +6,10 @@ Synthesizes offline: no AWS credentials and no context lookups unless
 
 - `stack_name`: default `ShoalHi`; a second name gives an independent copy.
 - `certificate_arn`: serve HTTPS with this ACM certificate, redirect HTTP.
+- `egress`: `nat` (default, one NAT gateway per AZ) or `endpoints` (no NAT;
+  VPC endpoints for ECR, S3, CloudWatch Logs, Secrets Manager, SSM messages).
+- `longest_request_s`: the longest request the app serves (default 60); every
+  deploy timeout derives from it (see `TimeoutChain`).
 - `vpc_id` with `vpc_azs`, `vpc_public_subnet_ids`, `vpc_private_subnet_ids`
   (comma-separated): use that VPC as given, offline. `vpc_id` alone: look it
   up (needs credentials; the answer is cached in cdk.context.json).
@@ -22,7 +26,7 @@ from cdk_nag import AwsSolutionsChecks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shoal_cdk import ExistingVpc, HiStack
+from shoal_cdk import ExistingVpc, HiStack, TimeoutChain
 
 
 def _list(app: cdk.App, key: str) -> list[str]:
@@ -57,6 +61,8 @@ def build(app: cdk.App) -> HiStack:
         existing_vpc=existing,
         vpc_id_to_look_up=vpc_id if existing is None else None,
         certificate_arn=ctx("certificate_arn") or None,
+        egress=str(ctx("egress") or "nat"),
+        timeouts=TimeoutChain(longest_request_s=int(ctx("longest_request_s") or 60)),
         env=env,
         description="shoal reference app hi: vegeta and krillin on ECS Fargate",
     )

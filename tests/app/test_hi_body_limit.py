@@ -32,7 +32,7 @@ async def node() -> AsyncIterator[Node]:
 
 
 def client_for(node: Node, max_body: int | None = None) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=create_app(node, max_body))
+    transport = httpx.ASGITransport(app=create_app(node, max_body=max_body))
     return httpx.AsyncClient(transport=transport, base_url="http://hi")
 
 

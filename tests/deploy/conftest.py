@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.deploy.cdk_synth import CERTIFICATE_ARN, EXISTING_VPC, Synthesis, synthesize
+from tests.support.fixtures import procs  # noqa: F401
 
 
 @pytest.fixture(scope="session")

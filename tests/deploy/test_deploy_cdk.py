@@ -227,28 +227,115 @@ def test_linking_two_services_opens_the_mesh_both_ways() -> None:
     assert ("tcp", 4370, 4370, sg_b) in sg_rules(raw, sg_a, "out")
 
 
-def test_stop_timeout_must_outlast_the_drain() -> None:
-    import aws_cdk as cdk
-    from aws_cdk import aws_ec2 as ec2
-    from aws_cdk import aws_ecs as ecs
-    from aws_cdk import aws_servicediscovery as servicediscovery
-
+def test_a_longest_request_beyond_fargates_stop_timeout_is_refused() -> None:
     load_cdk_app()
-    from shoal_cdk import ShoalFargateService
+    from shoal_cdk import TimeoutChain
 
-    stack = cdk.Stack(cdk.App(), "Short")
-    vpc = ec2.Vpc(stack, "Vpc")
-    with pytest.raises(ValueError, match="stop_timeout"):
-        ShoalFargateService(
-            stack,
-            "S",
-            cluster=ecs.Cluster(stack, "C", vpc=vpc),
-            image=ecs.ContainerImage.from_registry("example/hi:1"),
-            namespace=servicediscovery.PrivateDnsNamespace(stack, "N", name="n.internal", vpc=vpc),
-            discovery_name="s",
-            node_name="s",
-            stop_timeout=cdk.Duration.seconds(10),
-        )
+    with pytest.raises(ValueError, match="Fargate allows at most 120 s"):
+        TimeoutChain(longest_request_s=110)
+
+
+@pytest.mark.parametrize("longest", [1, 30, 60, 99])
+def test_timeout_chain_orders_every_timeout(longest: int) -> None:
+    """keep-alive > ALB idle > longest request; in-flight requests finish within the
+    deregistration delay and the drain; the drain and handover within the stop timeout."""
+    load_cdk_app()
+    from shoal_cdk import TimeoutChain
+
+    from shoal.drain import Drain
+
+    chain = TimeoutChain(longest_request_s=longest)
+    assert chain.keep_alive_s > chain.idle_timeout_s > chain.longest_request_s
+    assert chain.deregistration_delay_s > chain.longest_request_s
+    assert chain.drain_period_s >= chain.lame_duck_s + chain.longest_request_s
+    assert chain.stop_timeout_s > chain.drain_period_s + chain.handover_s
+    assert chain.stop_timeout_s <= 120
+    # The app derives the same keep-alive and drain from the settings the chain passes.
+    drain = Drain.from_env(chain.environment())
+    assert drain.keep_alive == chain.keep_alive_s
+    assert drain.idle_timeout == chain.idle_timeout_s
+    assert drain.shutdown_time <= chain.drain_period_s
+
+
+def test_the_deployed_timeouts_follow_one_setting(default_synth: Synthesis) -> None:
+    raw = default_synth.raw
+    (alb,) = resources(raw, "AWS::ElasticLoadBalancingV2::LoadBalancer").values()
+    alb_attributes = {a["Key"]: a["Value"] for a in alb["Properties"]["LoadBalancerAttributes"]}
+    idle = int(alb_attributes["idle_timeout.timeout_seconds"])
+    for name in SERVICES:
+        env = env_of(container(raw, name))
+        longest = int(env["SHOAL_MAX_REQUEST_MS"]) / 1000
+        lame_duck = int(env["SHOAL_LAME_DUCK_MS"]) / 1000
+        handover = int(env["SHOAL_DRAIN_TIMEOUT_MS"]) / 1000
+        assert (longest, lame_duck, handover) == (60, 5, 10)
+        from shoal.drain import Drain
+
+        keep_alive = Drain.from_env(env).keep_alive
+        assert keep_alive > idle > longest
+        group = raw["Resources"][target_group_of(raw, name)]["Properties"]
+        attributes = {a["Key"]: a["Value"] for a in group["TargetGroupAttributes"]}
+        assert int(attributes["deregistration_delay.timeout_seconds"]) > longest
+        stop = container(raw, name)["StopTimeout"]
+        assert lame_duck + longest + handover < stop <= 120
+
+
+def test_deployment_alarms_roll_back_beside_the_circuit_breaker(default_synth: Synthesis) -> None:
+    raw = default_synth.raw
+    alarms = resources(raw, "AWS::CloudWatch::Alarm")
+    for name in SERVICES:
+        _, service = ecs_service(raw, name)
+        deployment = service["DeploymentConfiguration"]
+        assert deployment["DeploymentCircuitBreaker"] == {"Enable": True, "Rollback": True}
+        config = deployment["Alarms"]
+        assert config["Enable"] is True and config["Rollback"] is True
+        watched = {ref["Ref"] for ref in config["AlarmNames"]}
+        metrics = {alarms[a]["Properties"]["MetricName"] for a in watched}
+        assert metrics == {"HTTPCode_Target_5XX_Count", "UnHealthyHostCount"}
+        group = target_group_of(raw, name)
+        for alarm in watched:
+            props = alarms[alarm]["Properties"]
+            assert props["Threshold"] == 1
+            dims = {d["Name"]: d["Value"] for d in props["Dimensions"]}
+            assert dims["TargetGroup"] == {"Fn::GetAtt": [group, "TargetGroupFullName"]}
+
+
+def test_one_nat_gateway_per_az_by_default(default_synth: Synthesis) -> None:
+    raw = default_synth.raw
+    assert len(resources(raw, "AWS::EC2::NatGateway")) == 2
+    assert not resources(raw, "AWS::EC2::VPCEndpoint")
+
+
+def test_endpoints_instead_of_nat(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tests.deploy.cdk_synth import synthesize
+
+    synth = synthesize({"egress": "endpoints"}, tmp_path_factory.mktemp("cdk-endpoints"))
+    raw = synth.raw
+    assert not resources(raw, "AWS::EC2::NatGateway")
+    endpoints = resources(raw, "AWS::EC2::VPCEndpoint").values()
+    names = {json.dumps(e["Properties"]["ServiceName"]) for e in endpoints}
+    for service in ("ecr.api", "ecr.dkr", "logs", "secretsmanager", "ssmmessages", "s3"):
+        assert any(service in name for name in names), (service, names)
+    for endpoint in endpoints:
+        props = endpoint["Properties"]
+        if props.get("VpcEndpointType") == "Interface":
+            assert props["PrivateDnsEnabled"] is True
+            assert len(props["SubnetIds"]) == 2, "one per AZ"
+    assert synth.nag_violations == []
+
+
+def test_feature_flags_are_all_decided() -> None:
+    """Every flag this aws-cdk-lib recommends is set in cdk.json."""
+    import tarfile
+
+    import aws_cdk
+
+    (bundle,) = (Path(aws_cdk.__file__).parent / "_jsii").glob("aws-cdk-lib@*.jsii.tgz")
+    with tarfile.open(bundle) as archive:
+        member = archive.extractfile("package/recommended-feature-flags.json")
+        assert member is not None
+        recommended = json.load(member)
+    context = json.loads((CDK_DIR / "cdk.json").read_text())["context"]
+    assert set(recommended) <= set(context)
 
 
 # --- ECS services and tasks --------------------------------------------------------
@@ -288,9 +375,9 @@ def test_tasks_size_stop_timeout_and_health(default_synth: Synthesis) -> None:
         assert (task["Cpu"], task["Memory"]) == ("256", "512")
         assert task["RequiresCompatibilities"] == ["FARGATE"]
         definition = container(default_synth.raw, name)
-        # Longer than the node's drain (SHOAL_DRAIN_TIMEOUT_MS) with room to spare.
+        # Longer than the node's drain and handover (see the timeout chain tests).
         drain_s = int(env_of(definition)["SHOAL_DRAIN_TIMEOUT_MS"]) / 1000
-        assert definition["StopTimeout"] == 30 > drain_s
+        assert definition["StopTimeout"] == 81 > drain_s
         assert definition["LinuxParameters"]["InitProcessEnabled"] is True
         assert "/health" in " ".join(definition["HealthCheck"]["Command"])
         assert {p["ContainerPort"] for p in definition["PortMappings"]} == {4000, 4370}
@@ -361,7 +448,7 @@ def test_alb_routes_krillin_paths_and_defaults_to_vegeta(default_synth: Synthesi
     ]
 
 
-def test_target_groups_check_ready_and_deregister_quickly(default_synth: Synthesis) -> None:
+def test_target_groups_check_ready_and_let_requests_finish(default_synth: Synthesis) -> None:
     default_synth.template.all_resources_properties(
         "AWS::ElasticLoadBalancingV2::TargetGroup",
         {"HealthCheckPath": "/ready", "Matcher": {"HttpCode": "200"}},
@@ -373,7 +460,7 @@ def test_target_groups_check_ready_and_deregister_quickly(default_synth: Synthes
         assert props["Matcher"] == {"HttpCode": "200"}
         assert (props["Port"], props["TargetType"]) == (4000, "ip")
         attributes = {a["Key"]: a["Value"] for a in props["TargetGroupAttributes"]}
-        assert int(attributes["deregistration_delay.timeout_seconds"]) <= 30
+        assert int(attributes["deregistration_delay.timeout_seconds"]) == 65
 
 
 def test_load_balancer_url_is_an_output(default_synth: Synthesis) -> None:
@@ -488,7 +575,15 @@ def test_cfn_lint_finds_no_errors(which: str, request: pytest.FixtureRequest) ->
     template = next(p for p in synth.outdir.glob("*.template.json"))
     matches = lint_file(template)
     errors = [f"{m.rule.id} {m.message}" for m in matches if m.rule.severity == "error"]
-    warnings = [f"{m.rule.id} {m.message}" for m in matches if m.rule.severity == "warning"]
+    warnings = [
+        f"{m.rule.id} {m.message}"
+        for m in matches
+        if m.rule.severity == "warning"
+        # A redundant DependsOn inside the custom resource that CDK itself generates
+        # for @aws-cdk/aws-ec2:restrictDefaultSecurityGroup (kept: it empties the
+        # VPC's default security group).
+        and not (m.rule.id == "W3005" and "CustomVpcRestrictDefaultSG" in m.message)
+    ]
     assert errors == []
     assert warnings == []
 

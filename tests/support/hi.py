@@ -71,6 +71,8 @@ class HiNode:
             "PORT": str(port),
             # In the Procs' own directory, which is removed with it (also after a SIGKILL).
             "SHOAL_CONTROL_SOCKET": str(procs.log_dir / f"{host}.sock"),
+            # No load balancer in front of test nodes: SIGTERM needs no lame duck.
+            "SHOAL_LAME_DUCK_MS": "0",
             **(env or {}),
         }
         proc = procs.start(argv or [HI], env=full_env, name=f"{basename}@{host}")

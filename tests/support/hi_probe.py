@@ -27,6 +27,7 @@ from hi.app import configure_logging, create_app, http_port, max_body_bytes, ser
 from hi.jobs import add_hi_job
 
 from shoal import Node, wire
+from shoal.drain import Drain
 from tests.wire.bench_decode import worst_frames
 
 
@@ -42,7 +43,8 @@ def main() -> None:
     node.register("slow", lambda seconds, _sender: time.sleep(float(seconds)) or "slept")
     node.register("blob", lambda size, _sender: b"x" * int(size))
     add_hi_job(node, os.environ)
-    app = create_app(node, max_body_bytes(os.environ))
+    drain = Drain.from_env(os.environ)
+    app = create_app(node, drain, max_body_bytes(os.environ))
     tasks: set[asyncio.Task[Any]] = set()
 
     @app.post("/probe/call")
@@ -93,7 +95,7 @@ def main() -> None:
                 await asyncio.sleep(0.01)
         return outcome(count)
 
-    sys.exit(asyncio.run(serve(node, http_port(os.environ), app)))
+    sys.exit(asyncio.run(serve(node, http_port(os.environ), drain, app=app)))
 
 
 if __name__ == "__main__":

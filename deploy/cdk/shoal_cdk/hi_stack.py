@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from aws_cdk import CfnOutput, RemovalPolicy, Stack
+from aws_cdk import CfnOutput, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_ecs as ecs
@@ -22,11 +22,15 @@ from aws_cdk import aws_servicediscovery as servicediscovery
 from constructs import Construct
 
 from shoal_cdk.nag import acknowledge
-from shoal_cdk.service import ShoalFargateService
+from shoal_cdk.service import ShoalFargateService, TimeoutChain
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DOCKERFILE = "deploy/docker/Dockerfile"
 LOG_RETENTION = logs.RetentionDays.ONE_MONTH
+# How tasks in private subnets reach ECR, CloudWatch Logs and Secrets Manager
+# (what a deploy or a rollback needs), each surviving the loss of one AZ:
+# "nat": one NAT gateway per AZ; "endpoints": no NAT, VPC endpoints per AZ.
+EGRESS_MODES = ("nat", "endpoints")
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,21 @@ class HiStack(Stack):
         vpc_id_to_look_up: str | None = None,
         certificate_arn: str | None = None,
         image: ecs.ContainerImage | None = None,
+        egress: str = "nat",
+        timeouts: TimeoutChain | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)  # type: ignore[arg-type]
-        vpc = self._vpc(existing_vpc, vpc_id_to_look_up)
+        if egress not in EGRESS_MODES:
+            raise ValueError(f"egress={egress!r}: use one of {', '.join(EGRESS_MODES)}")
+        self.timeouts = timeouts = timeouts or TimeoutChain()
+        vpc = self._vpc(existing_vpc, vpc_id_to_look_up, egress)
+        # New VPC with endpoints: the tasks' subnets are isolated (no route out).
+        task_subnets = (
+            ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)
+            if egress == "endpoints" and existing_vpc is None and not vpc_id_to_look_up
+            else None
+        )
 
         exec_logs = logs.LogGroup(
             self, "ExecLogs", retention=LOG_RETENTION, removal_policy=RemovalPolicy.DESTROY
@@ -110,8 +125,10 @@ class HiStack(Stack):
             namespace=namespace,
             discovery_name="vegeta",
             node_name="vegeta-service-dbz",
-            environment={"HI_JOB_SCHEDULE": "*/5 * * * * *"},
+            environment={"HI_JOB_SCHEDULE": "*/5 * * * * *", "HI_JOB_MISFIRE": "run_once"},
             log_retention=LOG_RETENTION,
+            timeouts=timeouts,
+            vpc_subnets=task_subnets,
         )
         self.krillin = ShoalFargateService(
             self,
@@ -121,8 +138,10 @@ class HiStack(Stack):
             namespace=namespace,
             discovery_name="krillin",
             node_name="krillin-service-dbz",
-            environment={"HI_JOB_SCHEDULE": "*/7 * * * * *"},
+            environment={"HI_JOB_SCHEDULE": "*/7 * * * * *", "HI_JOB_MISFIRE": "run_once"},
             log_retention=LOG_RETENTION,
+            timeouts=timeouts,
+            vpc_subnets=task_subnets,
         )
 
         alb = elbv2.ApplicationLoadBalancer(
@@ -131,6 +150,8 @@ class HiStack(Stack):
             vpc=vpc,
             internet_facing=True,
             drop_invalid_header_fields=True,
+            # Above the longest request, below the app's keep-alive (TimeoutChain).
+            idle_timeout=Duration.seconds(timeouts.idle_timeout_s),
             vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC),
         )
         acknowledge(
@@ -159,13 +180,17 @@ class HiStack(Stack):
             listener = alb.add_listener("Http", port=80, open=True)
             scheme = "http"
 
-        listener.add_target_groups("Vegeta", target_groups=[self.vegeta.target_group()])
+        vegeta_targets = self.vegeta.target_group()
+        krillin_targets = self.krillin.target_group()
+        listener.add_target_groups("Vegeta", target_groups=[vegeta_targets])
         listener.add_target_groups(
             "Krillin",
             priority=10,
             conditions=[elbv2.ListenerCondition.path_patterns(["/krillin", "/krillin/*"])],
-            target_groups=[self.krillin.target_group()],
+            target_groups=[krillin_targets],
         )
+        self.vegeta.deployment_alarms(vegeta_targets)
+        self.krillin.deployment_alarms(krillin_targets)
 
         CfnOutput(self, "LoadBalancerUrl", value=f"{scheme}://{alb.load_balancer_dns_name}")
         CfnOutput(self, "ClusterName", value=cluster.cluster_name)
@@ -174,7 +199,9 @@ class HiStack(Stack):
         CfnOutput(self, "VegetaLogGroup", value=self.vegeta.log_group.log_group_name)
         CfnOutput(self, "KrillinLogGroup", value=self.krillin.log_group.log_group_name)
 
-    def _vpc(self, existing: ExistingVpc | None, vpc_id_to_look_up: str | None) -> ec2.IVpc:
+    def _vpc(
+        self, existing: ExistingVpc | None, vpc_id_to_look_up: str | None, egress: str
+    ) -> ec2.IVpc:
         """A new two-AZ VPC, or an existing one (by attributes, or looked up by id)."""
         if existing is not None:
             return ec2.Vpc.from_vpc_attributes(
@@ -189,13 +216,24 @@ class HiStack(Stack):
             # Needs an account and region on the stack and AWS credentials at synth;
             # the CLI caches the answer in cdk.context.json.
             return ec2.Vpc.from_lookup(self, "Vpc", vpc_id=vpc_id_to_look_up)
+        private = (
+            ec2.SubnetType.PRIVATE_ISOLATED
+            if egress == "endpoints"
+            else ec2.SubnetType.PRIVATE_WITH_EGRESS
+        )
         vpc = ec2.Vpc(
             self,
             "Vpc",
             max_azs=2,
-            # One NAT gateway: tasks only need it to pull images and call AWS APIs.
-            nat_gateways=1,
+            # Per AZ, so losing one AZ leaves the other's tasks their way out.
+            nat_gateways=2 if egress == "nat" else 0,
+            subnet_configuration=[
+                ec2.SubnetConfiguration(name="Public", subnet_type=ec2.SubnetType.PUBLIC),
+                ec2.SubnetConfiguration(name="Private", subnet_type=private),
+            ],
         )
+        if egress == "endpoints":
+            self._endpoints(vpc)
         vpc.add_flow_log(
             "FlowLog",
             destination=ec2.FlowLogDestination.to_cloud_watch_logs(
@@ -208,3 +246,23 @@ class HiStack(Stack):
             ),
         )
         return vpc
+
+    def _endpoints(self, vpc: ec2.Vpc) -> None:
+        """What a task needs without NAT: image pulls (ECR API, registry, and S3 for
+        the layers), logs, the cookie, and ECS exec's channels; in every AZ."""
+        vpc.add_gateway_endpoint("S3", service=ec2.GatewayVpcEndpointAwsService.S3)
+        services = {
+            "EcrApi": ec2.InterfaceVpcEndpointAwsService.ECR,
+            "EcrDocker": ec2.InterfaceVpcEndpointAwsService.ECR_DOCKER,
+            "Logs": ec2.InterfaceVpcEndpointAwsService.CLOUDWATCH_LOGS,
+            "SecretsManager": ec2.InterfaceVpcEndpointAwsService.SECRETS_MANAGER,
+            "SsmMessages": ec2.InterfaceVpcEndpointAwsService.SSM_MESSAGES,
+        }
+        for name, service in services.items():
+            endpoint = vpc.add_interface_endpoint(name, service=service, private_dns_enabled=True)
+            acknowledge(
+                endpoint,
+                "AwsSolutions-EC23",
+                "The endpoint accepts HTTPS from the VPC's own CIDR only (a token that "
+                "cdk-nag cannot resolve), not from the internet.",
+            )

@@ -10,8 +10,10 @@ timeout longer than the node's drain, and health checks on `/ready`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_elasticloadbalancingv2 as elbv2
@@ -26,12 +28,69 @@ HTTP_PORT = 4000
 MESH_PORT = 4370
 CONTAINER_NAME = "app"
 POLLING_INTERVAL = Duration.seconds(1)
-# The node's graceful handover (SHOAL_DRAIN_TIMEOUT_MS); ECS waits STOP_TIMEOUT
-# after SIGTERM before SIGKILL, so the latter must be longer.
-DRAIN_TIMEOUT = Duration.seconds(10)
-STOP_TIMEOUT = Duration.seconds(30)
-# Long enough for in-flight requests, short enough for quick rolling deploys.
-DEREGISTRATION_DELAY = Duration.seconds(15)
+# Fargate sends SIGKILL at most 120 s after SIGTERM.
+FARGATE_MAX_STOP_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class TimeoutChain:
+    """Every timeout of a deploy, derived from the longest request the app serves.
+
+    keep-alive (app) > ALB idle timeout > longest request, so the ALB, never
+    the app, closes an idle connection and no request outlives the ALB's
+    patience; the deregistration delay lets requests in flight finish
+    before ECS sends SIGTERM; after SIGTERM the node serves through its lame
+    duck, lets requests finish, hands its singletons over (`handover`) and
+    exits within the stop timeout. The app derives its keep-alive the same
+    way from `SHOAL_MAX_REQUEST_MS` (see `shoal.drain`).
+    """
+
+    longest_request_s: int = 60
+    lame_duck_s: int = 5
+    handover_s: int = 10
+
+    def __post_init__(self) -> None:
+        if self.longest_request_s < 1 or self.lame_duck_s < 0 or self.handover_s < 1:
+            raise ValueError("timeouts must be positive")
+        if self.stop_timeout_s > FARGATE_MAX_STOP_TIMEOUT_S:
+            raise ValueError(
+                f"longest request {self.longest_request_s} s gives a stop timeout of "
+                f"{self.stop_timeout_s} s; Fargate allows at most {FARGATE_MAX_STOP_TIMEOUT_S} s"
+            )
+
+    @property
+    def idle_timeout_s(self) -> int:
+        """The ALB's idle timeout: above the longest request (as `Drain.idle_timeout`)."""
+        return self.longest_request_s + 10
+
+    @property
+    def keep_alive_s(self) -> int:
+        """The app's HTTP keep-alive: above the ALB's idle timeout (as `Drain.keep_alive`)."""
+        return self.longest_request_s + 20
+
+    @property
+    def deregistration_delay_s(self) -> int:
+        """Requests in flight when ECS deregisters a task finish before its SIGTERM."""
+        return self.longest_request_s + 5
+
+    @property
+    def drain_period_s(self) -> int:
+        """After SIGTERM: the lame duck, then requests in flight (the app's `Drain`)."""
+        return self.lame_duck_s + self.longest_request_s + 1
+
+    @property
+    def stop_timeout_s(self) -> int:
+        """SIGTERM to SIGKILL: the drain, the handover, and a margin."""
+        return self.drain_period_s + self.handover_s + 5
+
+    def environment(self) -> dict[str, str]:
+        """The app's settings that carry the chain."""
+        return {
+            "SHOAL_LAME_DUCK_MS": str(self.lame_duck_s * 1000),
+            "SHOAL_MAX_REQUEST_MS": str(self.longest_request_s * 1000),
+            "SHOAL_DRAIN_TIMEOUT_MS": str(self.handover_s * 1000),
+        }
+
 
 # The container's own liveness probe. The image has no curl; Python is there.
 _HEALTH_PROBE = (
@@ -67,19 +126,13 @@ class ShoalFargateService(Construct):
         http_port: int = HTTP_PORT,
         mesh_port: int = MESH_PORT,
         polling_interval: Duration = POLLING_INTERVAL,
-        drain_timeout: Duration = DRAIN_TIMEOUT,
-        stop_timeout: Duration = STOP_TIMEOUT,
+        timeouts: TimeoutChain | None = None,
         log_retention: logs.RetentionDays = logs.RetentionDays.ONE_MONTH,
         allow_all_outbound: bool = False,
         vpc_subnets: ec2.SubnetSelection | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
-        if stop_timeout.to_seconds() <= drain_timeout.to_seconds():
-            # ECS sends SIGKILL after stop_timeout; the handover must finish first.
-            raise ValueError(
-                f"stop_timeout ({stop_timeout.to_seconds()} s) must exceed "
-                f"drain_timeout ({drain_timeout.to_seconds()} s)"
-            )
+        self.timeouts = timeouts = timeouts or TimeoutChain()
         self.http_port = http_port
         self.mesh_port = mesh_port
 
@@ -134,12 +187,12 @@ class ShoalFargateService(Construct):
             "SERVICE_DISCOVERY_ENDPOINT": self.discovery_endpoint,
             "POLLING_INTERVAL": str(int(polling_interval.to_milliseconds())),
             "SHOAL_PORT": str(mesh_port),
-            "SHOAL_DRAIN_TIMEOUT_MS": str(int(drain_timeout.to_milliseconds())),
+            **timeouts.environment(),
             "PORT": str(http_port),
             **(environment or {}),
         }
-        for forbidden in ("RELEASE_COOKIE", "NODE_HOST"):
-            if forbidden in cluster_env:
+        for forbidden in ("RELEASE_COOKIE", "NODE_HOST", *timeouts.environment()):
+            if forbidden in (environment or {}):
                 raise ValueError(f"{forbidden} is managed by ShoalFargateService; do not pass it")
         self.container = self.task_definition.add_container(
             CONTAINER_NAME,
@@ -151,7 +204,7 @@ class ShoalFargateService(Construct):
                 ecs.PortMapping(container_port=mesh_port, name="mesh"),
             ],
             logging=ecs.LogDrivers.aws_logs(stream_prefix=discovery_name, log_group=self.log_group),
-            stop_timeout=stop_timeout,
+            stop_timeout=Duration.seconds(timeouts.stop_timeout_s),
             # A real init as PID 1 reaps the ECS exec agent's children.
             linux_parameters=ecs.LinuxParameters(
                 self, "LinuxParameters", init_process_enabled=True
@@ -246,26 +299,21 @@ class ShoalFargateService(Construct):
         self.security_group.connections.allow_from(other.security_group, port, "shoal mesh")
         other.security_group.connections.allow_from(self.security_group, port, "shoal mesh")
 
-    def target_group(
-        self,
-        construct_id: str = "TargetGroup",
-        *,
-        deregistration_delay: Duration = DEREGISTRATION_DELAY,
-    ) -> elbv2.ApplicationTargetGroup:
+    def target_group(self, construct_id: str = "TargetGroup") -> elbv2.ApplicationTargetGroup:
         """An ALB target group for the HTTP port that only routes to ready nodes.
 
-        `/ready` answers 503 while a node drains, so the load balancer stops
-        sending to it before it exits; the short deregistration delay keeps
-        rolling deploys fast.
+        `/ready` answers 503 while a node drains; the deregistration delay
+        (from the timeout chain) lets requests in flight finish. Once it is
+        attached to a listener, pass it to `deployment_alarms`.
         """
-        return elbv2.ApplicationTargetGroup(
+        group = elbv2.ApplicationTargetGroup(
             self,
             construct_id,
             vpc=self.service.cluster.vpc,
             port=self.http_port,
             protocol=elbv2.ApplicationProtocol.HTTP,
             target_type=elbv2.TargetType.IP,
-            deregistration_delay=deregistration_delay,
+            deregistration_delay=Duration.seconds(self.timeouts.deregistration_delay_s),
             health_check=elbv2.HealthCheck(
                 path="/ready",
                 healthy_http_codes="200",
@@ -280,3 +328,39 @@ class ShoalFargateService(Construct):
                 )
             ],
         )
+        return group
+
+    def deployment_alarms(
+        self, group: elbv2.ApplicationTargetGroup
+    ) -> tuple[cloudwatch.Alarm, cloudwatch.Alarm]:
+        """Alarms on `group` (attached to a listener) that roll a deployment back,
+        beside the circuit breaker: any 5xx answered by a task (a clean deploy has
+        none), or an unhealthy target within a minute."""
+        period = Duration.minutes(1)
+        errors = cloudwatch.Alarm(
+            self,
+            f"{group.node.id}Target5xx",
+            alarm_description="HTTP 5xx answered by tasks: rolls the deployment back",
+            metric=group.metrics.http_code_target(
+                elbv2.HttpCodeTarget.TARGET_5XX_COUNT, period=period, statistic="Sum"
+            ),
+            threshold=1,
+            evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        unhealthy = cloudwatch.Alarm(
+            self,
+            f"{group.node.id}UnhealthyHosts",
+            alarm_description="Targets failing /ready: rolls the deployment back",
+            metric=group.metrics.unhealthy_host_count(period=period, statistic="Maximum"),
+            threshold=1,
+            evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        self.service.enable_deployment_alarms(
+            [errors.alarm_name, unhealthy.alarm_name],
+            behavior=ecs.AlarmBehavior.ROLLBACK_ON_ALARM,
+        )
+        return errors, unhealthy

@@ -159,13 +159,20 @@ class GossipStrategy:
         interval = self.settings.gossip_interval
         try:
             next_round = time.monotonic()
+            rounds = 0
             while True:
                 if self._transport is None or self._transport.is_closing():
                     await self._open()
                 self._send_beacon()
                 next_round = max(next_round + interval, time.monotonic())
                 await asyncio.sleep(next_round - time.monotonic())
-                propose(self._recent_peers())
+                peers = self._recent_peers()
+                rounds += 1
+                # "Alone" is only a finding after a full horizon of beacons: a peer
+                # whose beacon is late (a busy host) must not make a new node think it
+                # is alone, become ready and claim singletons the cluster already runs.
+                if peers or rounds >= RECENT_INTERVALS:
+                    propose(peers)
         finally:
             if self._transport is not None:
                 self._transport.close()

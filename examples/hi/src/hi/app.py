@@ -3,9 +3,12 @@
 Configured only by the contract's environment variables (see the README):
 RELEASE_COOKIE, NODE_NAME, NODE_HOST, TOPOLOGY_TYPE, ..., and PORT for HTTP.
 
-On SIGTERM/SIGINT the node drains first (`/ready` turns 503 at once, singletons
-hand over, peers are told) while HTTP keeps answering; only then does uvicorn
-stop, so a load balancer sees the node leave before its port closes.
+On SIGTERM/SIGINT the app drains through `shoal.asgi.serve` (see
+`shoal.drain`): `/ready` turns 503 at once while every request is still served
+for the lame duck (`SHOAL_LAME_DUCK_MS`), then the port closes and requests in
+flight finish (a `/wait` still receives its event: the node is still in the
+mesh) or get a retryable 503; only then does the node hand over its singletons
+and leave the mesh.
 """
 
 from __future__ import annotations
@@ -15,19 +18,18 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from hi.jobs import add_hi_job
 from hi.pages import render_page
 from shoal import ConfigError, MessageTooLarge, Node, logs
+from shoal.asgi import serve as serve_http
+from shoal.drain import Drain
 from shoal.jobstore import DurableJobs, PostgresJobStore
 
 try:
@@ -40,11 +42,9 @@ except ImportError:  # pragma: no cover - without shoal[metrics]
 log = logging.getLogger("hi")
 
 EVENTS_TOPIC = "hi.events"
-MAX_WAIT = 60.0
 MAX_BLOCK = 30.0  # seconds; bound of /debug/block (only with HI_DEBUG_FAULTS=1)
-# uvicorn's wait for open connections after the node has already left; short,
-# because a draining node has nothing left that needs it.
-GRACEFUL_HTTP_SHUTDOWN = 1
+# Serve HTTP (/health included) after this long even if discovery is not done.
+READY_BEFORE_HTTP_S = 10.0
 
 
 def cluster_view(node: Node) -> dict[str, Any]:
@@ -84,12 +84,15 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
-def create_app(node: Node, max_body: int | None = None) -> FastAPI:
+def create_app(node: Node, drain: Drain | None = None, max_body: int | None = None) -> FastAPI:
     """The HTTP app for a started (or starting) `node`.
 
+    `/wait` lasts at most the drain's longest request (`SHOAL_MAX_REQUEST_MS`).
     `max_body` bounds request bodies (`HI_MAX_BODY_BYTES`); by default the
     node's frame limit, since a larger event could not be published anyway.
     """
+    drain = drain or Drain()
+    max_wait = drain.max_request
     body_limit = node.settings.max_frame_size if max_body is None else max_body
     app = FastAPI(title="hi", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -99,16 +102,18 @@ def create_app(node: Node, max_body: int | None = None) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        state = "ready" if node.ready else ("draining" if node.draining else "starting")
-        return JSONResponse({"status": state, "node": node.name}, 200 if node.ready else 503)
+        is_ready = node.ready and drain.serving
+        draining = node.draining or not drain.serving
+        state = "ready" if is_ready else ("draining" if draining else "starting")
+        return JSONResponse({"status": state, "node": node.name}, 200 if is_ready else 503)
 
     async def cluster() -> dict[str, Any]:
         return cluster_view(node)
 
     async def wait(key: str, timeout: float = 10.0) -> JSONResponse:
         """Wait for the event `key` to be posted on any node of the cluster."""
-        if not 0 < timeout <= MAX_WAIT:
-            return JSONResponse({"detail": f"timeout must be in (0, {MAX_WAIT:g}]"}, 422)
+        if not 0 < timeout <= max_wait:
+            return JSONResponse({"detail": f"timeout must be in (0, {max_wait:g}]"}, 422)
         try:
             event = await node.wait_for(
                 EVENTS_TOPIC, timeout, match=lambda e: isinstance(e, dict) and e.get("key") == key
@@ -179,44 +184,15 @@ def create_app(node: Node, max_body: int | None = None) -> FastAPI:
     return app
 
 
-class HiServer(uvicorn.Server):
-    """uvicorn, except that a signal first drains the node, then stops HTTP."""
-
-    def __init__(self, config: uvicorn.Config, node: Node) -> None:
-        super().__init__(config)
-        self.node = node
-        self._drain: asyncio.Task[None] | None = None
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGINT, signal.SIGTERM)
-        for sig in signals:
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        try:
-            yield
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
-
-    def _on_signal(self, sig: int) -> None:
-        if self._drain is not None:  # a second signal: stop waiting
-            self.force_exit = self.should_exit = True
-            return
-        log.info("%s: leaving the cluster", signal.Signals(sig).name)
-        self._drain = asyncio.create_task(self._leave())
-
-    async def _leave(self) -> None:
-        try:
-            await self.node.stop()
-        finally:
-            self.should_exit = True
-
-
 async def serve(
-    node: Node, port: int, job_store_dsn: str | None = None, app: FastAPI | None = None
+    node: Node,
+    port: int,
+    drain: Drain,
+    job_store_dsn: str | None = None,
+    app: FastAPI | None = None,
 ) -> int:
-    """Run the node and its HTTP server (`create_app(node)` unless given) until a signal.
+    """Run the node and its HTTP server (`create_app(node, drain)` unless given) until a
+    signal has drained both; the exit code.
 
     With ``job_store_dsn`` (SHOAL_JOB_STORE_DSN) the jobs' states are loaded from and
     saved to Postgres, so a restart of the whole cluster keeps the last tick; a node
@@ -235,37 +211,33 @@ async def serve(
             return 1
         log.info("job store: %d job states loaded", loaded)
     try:
-        return await _serve(node, port, app)
+        return await _serve(node, port, drain, app or create_app(node, drain))
     finally:
         if durable is not None and store is not None:
             await durable.flush()
             await store.close()
 
 
-async def _serve(node: Node, port: int, app: FastAPI | None) -> int:
+async def _serve(node: Node, port: int, drain: Drain, app: FastAPI) -> int:
     try:
         await node.start()
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return 1
-    config = uvicorn.Config(
-        app or create_app(node),
-        host="0.0.0.0",
+    # A load balancer may route to a new address before its first check (HAProxy
+    # does, on a DNS change): open HTTP once discovery has found the peers, so
+    # no request lands on a node that is not in the mesh yet.
+    with contextlib.suppress(TimeoutError):
+        await node.wait_ready(READY_BEFORE_HTTP_S)
+    return await serve_http(
+        app,
+        drain,
+        on_stopped=node.stop,
         port=port,
-        lifespan="off",
         access_log=False,
         log_config=None,
         server_header=False,
-        timeout_graceful_shutdown=GRACEFUL_HTTP_SHUTDOWN,
     )
-    server = HiServer(config, node)
-    try:
-        await server.serve()
-    except SystemExit:  # uvicorn exits this way when the HTTP port is taken (logged)
-        return 1
-    finally:
-        await node.stop()
-    return 0 if server.started else 1
 
 
 def configure_logging(env: dict[str, str] | os._Environ[str]) -> None:
@@ -311,12 +283,14 @@ def main() -> None:
         node = Node.from_env()
         port = http_port(os.environ)
         max_body = max_body_bytes(os.environ)
+        drain = Drain.from_env(os.environ)
         add_hi_job(node, os.environ)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         sys.exit(2)
     dsn = os.environ.get("SHOAL_JOB_STORE_DSN") or None
-    sys.exit(asyncio.run(serve(node, port, dsn, create_app(node, max_body))))
+    app = create_app(node, drain, max_body)
+    sys.exit(asyncio.run(serve(node, port, drain, dsn, app)))
 
 
 if __name__ == "__main__":

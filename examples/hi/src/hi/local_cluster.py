@@ -79,6 +79,8 @@ def node_env(member: Member, members: list[Member], cookie: str, mesh_port: int)
     # Per-node settings inherited from the shell would make all four nodes collide.
     for var in ("SHOAL_CONTROL_SOCKET", "NODE_NAME_QUERY", "SHOAL_HOSTS", "PORT"):
         env.pop(var, None)
+    # No load balancer in front of the local demo: nobody needs a lame duck on Ctrl-C.
+    env.setdefault("SHOAL_LAME_DUCK_MS", "0")
     siblings = [m.name for m in members if m.service == member.service]
     env.update(
         RELEASE_COOKIE=cookie,
