@@ -1,6 +1,7 @@
 """shoal: BEAM-style clustering for Python asyncio services."""
 
 from shoal.config import ConfigError, Peer, Settings
+from shoal.loop import run
 from shoal.mesh import MembershipEvent, NodeDown
 from shoal.messaging import CallTimeout, RemoteError, Subscription
 from shoal.node import Node
@@ -15,4 +16,5 @@ __all__ = [
     "RemoteError",
     "Settings",
     "Subscription",
+    "run",
 ]

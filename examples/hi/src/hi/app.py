@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from hi.jobs import add_hi_job
 from hi.pages import render_page
 from shoal import ConfigError, Node
+from shoal import loop as shoal_loop
 
 log = logging.getLogger("hi")
 
@@ -209,10 +210,11 @@ def main() -> None:
         node = Node.from_env()
         port = http_port(os.environ)
         add_hi_job(node, os.environ)
+        shoal_loop.selected()  # SHOAL_EVENT_LOOP: uvloop where installed, asyncio otherwise
     except ConfigError as exc:
         print(f"hi: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(asyncio.run(serve(node, port)))
+    sys.exit(shoal_loop.run(serve(node, port)))
 
 
 if __name__ == "__main__":
