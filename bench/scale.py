@@ -424,7 +424,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 30, 100])
     parser.add_argument("--idle", type=float, default=5.0, help="idle window, s")
-    parser.add_argument("--settle", type=float, default=3.0, help="lone node settle time, s")
+    parser.add_argument("--settle", type=float, default=5.0, help="lone node settle time, s")
     parser.add_argument("--join-timeout", type=float, default=60.0)
     parser.add_argument("--failure-timeout", type=float, default=3.0, help="the nodes' setting, s")
     parser.add_argument("--lifetime", type=float, default=600.0, help="nodes stop by themselves")
