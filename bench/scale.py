@@ -319,7 +319,7 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         first = time.time()
         for i in old:
             cluster.launch(i, old, target=n - 2)
-        ok = cluster.wait(f"cold start of {n - 1} nodes", lambda: everyone_full(cluster), 60 + n)
+        ok = cluster.wait(f"cold start of {n - 1} nodes", lambda: everyone_full(cluster), 60 + 2 * n)
         cold = max((x.full_at or first) for x in cluster.nodes.values()) - first
         result: dict[str, Any] = {
             "nodes": n,
