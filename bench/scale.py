@@ -77,6 +77,7 @@ class NodeProc:
     down_at: dict[str, float] = field(default_factory=dict)  # peer -> last down time
     full_at: float | None = None  # last time the count reached `target`
     target: int = 0
+    downs: int = 0  # peer-down events seen (churn)
 
     @property
     def name(self) -> str:
@@ -157,6 +158,7 @@ class Cluster:
             else:
                 node.peers.discard(peer)
                 node.down_at[peer] = at
+                node.downs += 1
                 if count < node.target:
                     node.full_at = None
 
@@ -316,15 +318,35 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     load = os.getloadavg()[0]
     try:
         old = list(range(n - 1))
+        batch = min(args.batch or n - 1, n - 1)
         first = time.time()
-        for i in old:
-            cluster.launch(i, old, target=n - 2)
-        ok = cluster.wait(f"cold start of {n - 1} nodes", lambda: everyone_full(cluster), 60 + 2 * n)
+        ok = True
+        for start in range(0, n - 1, batch):
+            members = old[: start + batch]
+            for node in cluster.nodes.values():
+                node.target, node.full_at = len(members) - 1, None
+            for i in members[start:]:
+                cluster.launch(i, old, target=len(members) - 1)
+            ok = cluster.wait(
+                f"start of {len(members)} nodes",
+                lambda: everyone_full(cluster),
+                60 + 2 * len(members),
+            )
+            if not ok:
+                break
         cold = max((x.full_at or first) for x in cluster.nodes.values()) - first
+        counts = sorted(x.count for x in cluster.nodes.values())
         result: dict[str, Any] = {
             "nodes": n,
             "loadavg_1m_at_start": round(load, 2),
-            "cold_start": {"nodes": n - 1, "all_full": ok, "first_launch_to_all_full_ms": ms(cold)},
+            "cold_start": {
+                "nodes": n - 1,
+                "batch": batch,
+                "all_full": ok,
+                "first_launch_to_all_full_ms": ms(cold) if ok else None,
+                "peer_count_min_median_max": [counts[0], counts[len(counts) // 2], counts[-1]],
+                "peer_down_events": sum(x.downs for x in cluster.nodes.values()),
+            },
         }
         if not ok:
             return result
@@ -391,7 +413,9 @@ def table(results: list[dict[str, Any]]) -> str:
         return "-" if r is None else r
 
     rows = [
-        ("cold start, all full (ms)", ("cold_start", "first_launch_to_all_full_ms")),
+        ("start of N-1 nodes, all full (ms)", ("cold_start", "first_launch_to_all_full_ms")),
+        ("  nodes started at once", ("cold_start", "batch")),
+        ("  peer-down events meanwhile", ("cold_start", "peer_down_events")),
         ("join, full list: launch->all full (ms)", ("join_full", "launch_to_all_full_ms")),
         ("  of which launch->ready (ms)", ("join_full", "launch_to_ready_ms")),
         ("join, one seed: launch->all full (ms)", ("join_seed", "launch_to_all_full_ms")),
@@ -425,6 +449,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 30, 100])
     parser.add_argument("--idle", type=float, default=5.0, help="idle window, s")
     parser.add_argument("--settle", type=float, default=5.0, help="lone node settle time, s")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="start the first N-1 nodes this many at a time"
+    )
     parser.add_argument("--join-timeout", type=float, default=60.0)
     parser.add_argument("--failure-timeout", type=float, default=3.0, help="the nodes' setting, s")
     parser.add_argument("--lifetime", type=float, default=600.0, help="nodes stop by themselves")
