@@ -466,6 +466,8 @@ def main() -> None:
     if max(args.sizes) > 1000 or min(args.sizes) < 4:
         parser.error("sizes must be between 4 and 1000")
     os.environ["SHOAL_FAILURE_TIMEOUT_MS"] = str(round(args.failure_timeout * 1000))
+    # SIGTERM unwinds like Ctrl-C, so the `finally` blocks end the nodes we started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     print(f"load average: {os.getloadavg()}, {os.cpu_count()} CPUs, loop {args.loop}", flush=True)
     report: dict[str, Any] = {"loop": args.loop, "cpus": os.cpu_count(), "sizes": []}
