@@ -42,6 +42,8 @@ from typing import Any
 
 import msgpack
 
+from shoal import loop as shoal_loop
+
 PAYLOAD = b"\xa5" * 64
 SERVER_HOST = "127.0.30.10"
 CLIENT_HOST = "127.0.30.11"
@@ -216,8 +218,7 @@ def zmq_client(port: int, back_port: int, messages: int) -> None:
 
 class Echo(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # a stream transport (uvloop's is no asyncio.Transport)
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)
@@ -361,12 +362,12 @@ def main() -> None:
         role, *params = args.role
         values = [int(p) for p in params]
         roles: dict[str, Any] = {
-            "shoal-server": lambda: asyncio.run(shoal_server(*values)),
-            "shoal-client": lambda: asyncio.run(shoal_client(*values)),
+            "shoal-server": lambda: shoal_loop.run(shoal_server(*values)),
+            "shoal-client": lambda: shoal_loop.run(shoal_client(*values)),
             "zmq-server": lambda: zmq_server(*values),
             "zmq-client": lambda: zmq_client(*values),
-            "echo-server": lambda: asyncio.run(echo_server(*values)),
-            "echo-client": lambda: asyncio.run(echo_client(*values)),
+            "echo-server": lambda: shoal_loop.run(echo_server(*values)),
+            "echo-client": lambda: shoal_loop.run(echo_client(*values)),
         }
         profile = os.environ.get("SHOAL_BENCH_PROFILE")  # a directory: cProfile each role
         if profile:

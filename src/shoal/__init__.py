@@ -1,6 +1,7 @@
 """shoal: BEAM-style clustering for Python asyncio services."""
 
 from shoal.config import ConfigError, Peer, Settings
+from shoal.loop import run
 from shoal.mesh import MembershipEvent, NodeDown
 from shoal.messaging import Busy, CallTimeout, RemoteError, ReplyTooLarge, Subscription
 from shoal.node import Node
@@ -19,4 +20,5 @@ __all__ = [
     "ReplyTooLarge",
     "Settings",
     "Subscription",
+    "run",
 ]

@@ -19,7 +19,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from shoal import admission, crypto, wire
 from shoal.config import Peer, Settings
@@ -105,7 +105,7 @@ class Connection(asyncio.Protocol):
 
     # asyncio.Protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
         self.set_transport(transport)
         peer = transport.get_extra_info("peername")
         if peer:

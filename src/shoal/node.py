@@ -14,8 +14,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
+import shoal.loop
 from shoal import logs, wire
-from shoal.config import Peer, Settings, parse_hosts
+from shoal.config import ConfigError, Peer, Settings, parse_hosts
 from shoal.control import ControlServer
 from shoal.discovery import Strategy, strategy_for
 from shoal.jobs import ClusterJobs
@@ -72,6 +73,10 @@ class Node:
     async def start(self) -> None:
         """Listen on the mesh port and start discovery. Returns once listening."""
         logs.bind(node=self.name)  # the caller's task and every task started from here on
+        if self.settings.tls is not None and shoal.loop.name() == "uvloop":
+            raise ConfigError(
+                f"TLS on the mesh needs asyncio's event loop: {shoal.loop.TLS_REASON}"
+            )
         self.mesh = Mesh(self.settings, self.messaging.on_frame, self._membership_changed)
         self.messaging.mesh = self.mesh
         await self.mesh.start()
@@ -97,11 +102,12 @@ class Node:
             )
             self.control = None
         log.info(
-            "node %s listening on %s:%d (topology %s, cookie %s)",
+            "node %s listening on %s:%d (topology %s, %s loop, cookie %s)",
             self.name,
             self.settings.host,
             self.settings.port,
             self.settings.topology,
+            shoal.loop.name(),
             self.cookie_fingerprint,
         )
 

@@ -21,6 +21,8 @@ from tests.mesh.conftest import NodeFactory, peer_of
 from tests.support.procs import async_wait_until
 
 HANDSHAKE_TIMEOUT = 1.0
+# The mesh's TLS upgrade needs asyncio's loop (shoal.loop.TLS_REASON).
+pytestmark = pytest.mark.asyncio_loop
 
 
 @pytest.fixture

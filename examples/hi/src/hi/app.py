@@ -13,7 +13,6 @@ and leave the mesh.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -28,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from hi.jobs import add_hi_job
 from hi.pages import render_page
 from shoal import ConfigError, MessageTooLarge, Node, logs
+from shoal import loop as shoal_loop
 from shoal.asgi import serve as serve_http
 from shoal.drain import Drain
 from shoal.jobstore import DurableJobs, PostgresJobStore
@@ -285,12 +285,13 @@ def main() -> None:
         max_body = max_body_bytes(os.environ)
         drain = Drain.from_env(os.environ)
         add_hi_job(node, os.environ)
+        shoal_loop.selected()  # SHOAL_EVENT_LOOP: uvloop where installed, asyncio otherwise
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         sys.exit(2)
     dsn = os.environ.get("SHOAL_JOB_STORE_DSN") or None
     app = create_app(node, drain, max_body)
-    sys.exit(asyncio.run(serve(node, port, drain, dsn, app)))
+    sys.exit(shoal_loop.run(serve(node, port, drain, dsn, app)))
 
 
 if __name__ == "__main__":

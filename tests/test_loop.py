@@ -1,0 +1,65 @@
+"""`shoal.loop`: which event loop runs a node, chosen by SHOAL_EVENT_LOOP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shoal import ConfigError, Node, Settings
+from shoal import loop as shoal_loop
+from shoal.config import TLSFiles
+
+uvloop = pytest.importorskip("uvloop")
+
+
+def test_auto_picks_uvloop_when_installed_and_asyncio_when_asked() -> None:
+    assert shoal_loop.selected({}) == "uvloop"
+    assert shoal_loop.selected({"SHOAL_EVENT_LOOP": "auto"}) == "uvloop"
+    assert shoal_loop.selected({"SHOAL_EVENT_LOOP": "asyncio"}) == "asyncio"
+    assert shoal_loop.selected({"SHOAL_EVENT_LOOP": " UVLOOP "}) == "uvloop"
+
+
+def test_an_unknown_loop_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match="SHOAL_EVENT_LOOP='trio' is unknown"):
+        shoal_loop.selected({"SHOAL_EVENT_LOOP": "trio"})
+
+
+def test_tls_settings_make_auto_pick_asyncio_and_refuse_uvloop() -> None:
+    env = {"SHOAL_TLS_CERT": "/x.crt"}
+    assert shoal_loop.selected(env) == "asyncio"
+    with pytest.raises(ConfigError, match="pause_reading"):
+        shoal_loop.selected({**env, "SHOAL_EVENT_LOOP": "uvloop"})
+
+
+@pytest.mark.parametrize("choice", ["uvloop", "asyncio"])
+def test_run_uses_the_selected_loop(monkeypatch: pytest.MonkeyPatch, choice: str) -> None:
+    monkeypatch.setenv("SHOAL_EVENT_LOOP", choice)
+
+    async def which() -> str:
+        return shoal_loop.name()
+
+    assert shoal_loop.run(which()) == choice
+
+
+def test_a_tls_node_refuses_to_start_on_uvloop() -> None:
+    settings = Settings(
+        cookie="a-cookie-that-is-long-enough-0123456789",
+        host="127.0.0.1",
+        port=4370,
+        topology="static",
+        tls=TLSFiles("/no/cert", "/no/key", "/no/ca"),
+    )
+
+    async def start() -> None:
+        node = Node(settings)
+        try:
+            await node.start()
+        finally:
+            await node.stop()
+
+    with (
+        pytest.raises(ConfigError, match="asyncio's event loop"),
+        asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+    ):
+        runner.run(start())
