@@ -236,3 +236,66 @@ async def test_quorum_holder_that_hears_nobody_steps_down_once_and_stays_down(
     await async_wait_until(lambda: holder.nodes() == [], 2.0)  # its detector drops them
     await asyncio.sleep(0.3)  # a few of the 0.1 s re-checks: it must stay down
     assert [name for name, _ in rec.starts].count(holder_name) == 1, rec.starts
+
+
+async def test_an_even_quorum_split_runs_it_on_neither_side(stopper: list[Node]) -> None:
+    """Four expected nodes split 2 against 2: two of four is no strict majority, so neither
+    side runs the quorum singleton; once the halves meet, exactly one node runs it."""
+    rec, marker = Recorder(), Recorder()
+    hosts = ("127.0.79.2", "127.0.79.3", "127.0.79.4", "127.0.79.5")
+    everyone = [Peer("hi", h, 4371) for h in hosts]
+    halves = [everyone[:2], everyone[2:]]
+    made = [make_node(p.host, half, expected_nodes=4) for half in halves for p in half]
+    nodes = [node for node, _ in made]
+    for node in nodes:
+        # Reconciled in registration order: when a mesh-mode singleton has started on
+        # both halves, the quorum one has been decided in the same pass, or before.
+        node.add_singleton("q", rec.func(node.name), mode="quorum")
+        node.add_singleton("m", marker.func(node.name), mode="mesh")
+        stopper.append(node)
+    for node in nodes:
+        await node.start()
+    await async_wait_until(lambda: marker.running == {nodes[0].name, nodes[2].name}, 3.0)
+    assert rec.running == set() and rec.starts == []
+    for _, gate in made:
+        gate.peers = everyone  # the halves meet
+    await async_wait_until(lambda: len(rec.running) == 1, 5.0)
+    assert len(rec.starts) == 1, rec.starts
+
+
+async def test_a_quorum_holder_steps_down_before_its_failure_detector_fires(
+    stopper: list[Node],
+) -> None:
+    """A majority counts only peers heard from within a heartbeat less than the failure
+    timeout, so a holder whose peers went silent stops while it still lists them as
+    connected (and so before the majority side can declare it down and take over)."""
+    rec = Recorder()
+    peers = [Peer("hi", h, 4371) for h in ("127.0.80.2", "127.0.80.3", "127.0.80.4")]
+    timing = {"heartbeat_interval": 0.5, "failure_timeout": 3.0, "expected_nodes": 3}
+    made = [make_node(p.host, peers, **timing) for p in peers]
+    nodes = [node for node, _ in made]
+    connected_at_step_down: list[list[str]] = []
+    for node in nodes:
+        stop_watch = rec.func(node.name)
+
+        async def run(ctx: SingletonContext, node: Node = node, inner=stop_watch) -> None:  # type: ignore[no-untyped-def]
+            try:
+                await inner(ctx)
+            finally:
+                connected_at_step_down.append(node.nodes())
+
+        node.add_singleton("s", run, mode="quorum")
+        stopper.append(node)
+    for node in nodes:
+        await node.start()
+    await async_wait_until(lambda: len(rec.running) == 1, 3.0)
+    for _, gate in made:
+        gate.peers = []
+    (holder_name,) = rec.running
+    holder = next(n for n in nodes if n.name == holder_name)
+    assert holder.mesh is not None
+    for conn in holder.mesh.connections.values():
+        assert conn.transport is not None
+        conn.transport.pause_reading()
+    await async_wait_until(lambda: connected_at_step_down != [], 5.0)
+    assert len(connected_at_step_down[0]) == 2, connected_at_step_down
