@@ -15,6 +15,7 @@ import random
 import statistics
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -339,3 +340,33 @@ async def test_everything_at_once_while_calls_stay_fast(
         calm_p99 * 1000,
     )
     assert p99 < max(0.1, 20 * calm_p99)
+
+
+async def test_a_forged_proof_is_dropped_and_never_welcomed(
+    pair: Traffic, mesh_logs: pytest.LogCaptureFixture
+) -> None:
+    """A raw client goes through the whole handshake as a dialer but proves with another
+    cookie: the acceptor's own check must drop it (a wrong-cookie node would stop earlier, at
+    its check of the acceptor's proof, so only a hand-made client reaches this one)."""
+    since = len(pair.latencies)
+    reader, writer = await connect(pair.b)
+    forged = wire.Hello(
+        wire.PROTOCOL_VERSION, "hi@127.0.20.250", 4370, os.urandom(8), os.urandom(32), None
+    )
+    writer.write(wire.encode_frame(forged.to_wire()))
+    decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_FRAME)
+    frames: list[Any] = []
+    async with asyncio.timeout(5):
+        while not frames:
+            chunk = await reader.read(65536)
+            assert chunk, "closed before the CHALLENGE"
+            frames += decoder.feed(chunk)
+    challenge = wire.parse_challenge(frames.pop(0))
+    wrong_key = wire.cookie_key("not-the-cookie")
+    writer.write(wire.encode_frame(wire.make_proof(wrong_key, forged, challenge)))
+    rest = decoder.feed(await until_closed(reader, HANDSHAKE_TIMEOUT + 2))
+    writer.close()
+    assert not any(isinstance(f, dict) and f.get("t") == "welcome" for f in frames + rest), rest
+    assert forged.name not in pair.b.nodes()
+    assert any("dialer's cookie proof is wrong" in w for w in warnings(mesh_logs))
+    await still_serving(pair, since)
