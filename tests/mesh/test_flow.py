@@ -64,7 +64,8 @@ async def test_a_sender_that_never_yields_is_held_back_by_a_slow_reader(
     task = asyncio.create_task(flood())
     await async_wait_until(lambda: not writer._writable.is_set(), timeout=5, message="paused")
     sent_when_paused = sent
-    await asyncio.sleep(0.2)  # the sender must be stuck now, not queueing on
+    for _ in range(1000):  # the flood gets every chance to run: it must be stuck, not queueing
+        await asyncio.sleep(0)
     assert sent == sent_when_paused
     assert writer.transport.get_write_buffer_size() <= WRITE_HIGH_WATER + WRITE_BATCH + 2000
     assert len(writer._out) == 0

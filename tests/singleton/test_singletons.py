@@ -69,6 +69,25 @@ async def stopper() -> AsyncIterator[list[Node]]:
         await node.stop()
 
 
+async def reconciled(node: Node, passes: int = 5) -> None:
+    """Wait until `node` has re-evaluated its singletons `passes` more times (its periodic
+    check runs every 0.1 s): a witness that it had every chance to act, not a fixed sleep."""
+    manager = node.singletons
+    original = manager._reconcile
+    count = 0
+
+    def counting() -> None:
+        nonlocal count
+        count += 1
+        original()
+
+    manager._reconcile = counting  # type: ignore[method-assign]
+    try:
+        await async_wait_until(lambda: count >= passes, 5.0, message=f"{passes} re-evaluations")
+    finally:
+        del manager._reconcile
+
+
 async def test_no_claim_before_the_first_discovery_round(stopper: list[Node]) -> None:
     rec = Recorder()
     node, gate = make_node("127.0.70.2", [])
@@ -76,8 +95,8 @@ async def test_no_claim_before_the_first_discovery_round(stopper: list[Node]) ->
     node.add_singleton("s", rec.func(node.name))
     stopper.append(node)
     await node.start()
-    await asyncio.sleep(0.3)  # nothing may happen; there is no event to wait for
-    assert rec.running == set()
+    await reconciled(node)
+    assert rec.running == set() and rec.starts == []
     gate.open.set()
     await async_wait_until(lambda: rec.running == {node.name}, 2.0)
 
@@ -95,7 +114,8 @@ async def test_incumbent_keeps_it_when_a_smaller_node_joins(stopper: list[Node])
     await late.start()
     await async_wait_until(lambda: late.nodes() == [first.name], 2.0)
     await async_wait_until(lambda: late.singletons.holders()["s"] == first.name, 2.0)
-    await asyncio.sleep(0.3)
+    await reconciled(late)
+    await reconciled(first)
     assert rec.running == {first.name}
     assert rec.starts == [(first.name, 1)]
 
@@ -234,7 +254,7 @@ async def test_quorum_holder_that_hears_nobody_steps_down_once_and_stays_down(
         conn.transport.pause_reading()
     await async_wait_until(lambda: holder_name not in rec.running, 2.0)
     await async_wait_until(lambda: holder.nodes() == [], 2.0)  # its detector drops them
-    await asyncio.sleep(0.3)  # a few of the 0.1 s re-checks: it must stay down
+    await reconciled(holder, 3)  # a few of the 0.1 s re-checks: it must stay down
     assert [name for name, _ in rec.starts].count(holder_name) == 1, rec.starts
 
 
