@@ -100,7 +100,13 @@ async def test_a_frame_over_the_size_limit_drops_the_connection(make_node: NodeF
     b = await make_node(max_frame_size=64 * 1024)
     a = await make_node([peer_of(b)])
     await async_wait_until(lambda: a.name in b.nodes(), timeout=5)
-    b.register("sink", lambda _payload, _sender: None)
+    received: list[int] = []
+    b.register("sink", lambda payload, _sender: received.append(len(payload)))
+    # Under the limit (and far over the 4 KiB handshake limit): delivered, still connected.
+    under = 64 * 1024 - 1024
+    assert under > wire.MAX_HANDSHAKE_FRAME
+    await a.send(b.name, "sink", b"x" * under)
+    await async_wait_until(lambda: received == [under], timeout=5, message="delivered")
     await a.send(b.name, "sink", b"x" * (64 * 1024))  # header + envelope: over the limit
     await async_wait_until(lambda: a.name not in b.nodes(), timeout=5, message="dropped")
-    assert wire.MAX_HANDSHAKE_FRAME < 64 * 1024
+    assert received == [under]
