@@ -49,3 +49,15 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None]:
     report = outcome.get_result()
     if _in_ci() and report.skipped:
         _fail(report, collector.nodeid)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under scripts/mutation (SHOAL_MUTATION=1), leave out the tests that start node processes:
+    a mutant lives only in the pytest process, so they cannot see it and only cost time."""
+    if os.environ.get("SHOAL_MUTATION") != "1":
+        return
+    keep = [item for item in items if "procs" not in getattr(item, "fixturenames", ())]
+    dropped = [item for item in items if item not in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
