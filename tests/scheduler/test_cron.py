@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -276,3 +278,39 @@ def test_interval_schedules_run_through_both_passes_of_a_repeat() -> None:
         "2024-11-03T01:00:00-05:00",
         "2024-11-03T02:00:00-05:00",
     ]
+
+
+@pytest.fixture
+def far_local_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone set far from UTC (CI machines run in UTC, which would
+    hide a conversion that uses the local zone where UTC is meant)."""
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")  # UTC+14, no DST
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/New_York"])
+def test_results_do_not_depend_on_the_machines_local_zone(far_local_zone: None, zone: str) -> None:
+    # Around the spring-forward and fall-back changes of 2025 in both zones, and a plain day.
+    for start in (
+        "2025-03-09T06:30:00",
+        "2025-03-30T00:30:00",
+        "2025-10-26T00:30:00",
+        "2025-11-02T05:30:00",
+        "2025-06-01T12:00:00",
+    ):
+        at = datetime.fromisoformat(start).replace(tzinfo=UTC)
+        for expr in ("*/20 * * * * *", "0 30 * * * *", "0 0 2 * * *", "0 15 1,2,3 * * *"):
+            schedule = CronSchedule.parse(expr, zone)
+            got = schedule.next_after(at)
+            assert got is not None and got.tzinfo is UTC
+            wall = croniter(expr, at.astimezone(ZoneInfo(zone)), second_at_beginning=True)
+            if zone == "UTC":
+                assert got == wall.get_next(datetime)
+            later = at + timedelta(hours=30)
+            latest = schedule.latest_in(at, later)
+            assert latest is not None and at < latest <= later
+            following = schedule.next_after(latest)
+            assert following is not None and following > later
