@@ -319,3 +319,34 @@ async def test_a_quorum_holder_steps_down_before_its_failure_detector_fires(
         conn.transport.pause_reading()
     await async_wait_until(lambda: connected_at_step_down != [], 5.0)
     assert len(connected_at_step_down[0]) == 2, connected_at_step_down
+
+
+async def test_validity_holder_flag_and_snapshot_follow_the_claim(stopper: list[Node]) -> None:
+    """What a running task and `/cluster` see: `ctx.is_valid()` is true while this node holds
+    it and false once it let go; `is_holder` and `snapshot()` name the holder, mode, token."""
+    contexts: list[SingletonContext] = []
+
+    async def keep(ctx: SingletonContext) -> None:
+        contexts.append(ctx)
+        await asyncio.Event().wait()
+
+    peers = [Peer("hi", h, 4371) for h in ("127.0.81.2", "127.0.81.3")]
+    a, _ = make_node(peers[0].host, peers)
+    b, _ = make_node(peers[1].host, peers)
+    for node in (a, b):
+        node.add_singleton("s", keep)
+        stopper.append(node)
+    await a.start()
+    await async_wait_until(lambda: len(contexts) == 1, 2.0)
+    await b.start()
+    await async_wait_until(lambda: b.singletons.holders().get("s") == a.name, 2.0)
+    assert contexts[0].is_valid() and contexts[0].token == 1 and contexts[0].mode == "mesh"
+    assert a.singletons.is_holder("s") and not b.singletons.is_holder("s")
+    expected = {"s": {"holder": a.name, "mode": "mesh", "token": 1}}
+    assert {k: v for k, v in a.singletons.snapshot().items() if k == "s"} == expected
+    assert b.singletons.snapshot()["s"]["holder"] == a.name
+    await a.stop()
+    assert not contexts[0].is_valid()
+    await async_wait_until(lambda: len(contexts) == 2, 2.0)  # b took over
+    assert contexts[1].is_valid() and b.singletons.is_holder("s")
+    assert b.singletons.snapshot()["s"] == {"holder": b.name, "mode": "mesh", "token": 1}
