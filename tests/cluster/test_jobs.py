@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import job_log
 from tests.support.hi import HiNode, hosts_list
-from tests.support.procs import Procs, wait_until
+from tests.support.procs import Procs, WaitTimeout, wait_until
 
 SCHEDULER = "shoal.scheduler"
 
@@ -77,16 +77,18 @@ def test_sigkill_of_the_holder_fails_over_within_a_second(procs: Procs) -> None:
     hosts = [f"127.0.51.{i}" for i in range(2, 5)]
     nodes = start_cluster(procs, hosts, hosts, HI_JOB_SECONDS="0.5")
     first = now_second() + 1
-    leader_name = holder(nodes[0])
+
+    def in_progress() -> tuple[int, str] | None:
+        """A tick after `first` that some node (the holder) has started and not finished."""
+        found = job_log.runs([n.proc.output() for n in nodes])
+        return next(((r.tick, r.node) for r in found if r.tick > first and r.ended is None), None)
+
+    try:
+        killed_tick, leader_name = wait_until(in_progress, 10.0, interval=0.01)
+    except WaitTimeout:
+        pytest.fail(f"no run in progress\n{procs.dump()}")
     leader = next(n for n in nodes if n.name == leader_name)
     others = [n for n in nodes if n is not leader]
-
-    def in_progress() -> int | None:
-        """A tick after `first` that the leader has started and not finished."""
-        found = job_log.runs([leader.proc.output()])
-        return next((r.tick for r in found if r.tick > first and r.ended is None), None)
-
-    killed_tick = wait_until(in_progress, 5.0, interval=0.01, message="a run in progress")
     now = datetime.now()  # local time, as the log stamps
     killed_at = now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
     leader.proc.kill()
