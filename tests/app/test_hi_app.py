@@ -130,19 +130,25 @@ def test_sigterm_stops_promptly_and_the_peer_drops_the_node(procs: Procs) -> Non
 
 
 def test_start_to_ready_and_idle_memory(procs: Procs) -> None:
-    """The issue's targets (1.5 s, 60 MB), asserted with room for a busy CI machine."""
+    """The targets: ready within 1.5 s and idle under 60 MB. Time is the CPU time the process
+    used until ready, so a busy machine (which stretches wall time) does not skew it; wall
+    time gets a loose bound only to catch a hang."""
     started = time.monotonic()
     node = HiNode.start(procs, "127.0.10.12", env={"TOPOLOGY_TYPE": "static"})
     node.wait_ready()
     start_to_ready = time.monotonic() - started
-    status = Path(f"/proc/{node.proc.pid}/status")
-    if not status.exists():
-        pytest.skip("needs /proc to read RSS")
+    proc = Path(f"/proc/{node.proc.pid}")
+    if not proc.exists():
+        pytest.skip("needs /proc to read CPU time and RSS")
+    fields = (proc / "stat").read_text().rpartition(")")[2].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
     rss_kb = next(
         int(line.split()[1])
-        for line in status.read_text().splitlines()
+        for line in (proc / "status").read_text().splitlines()
         if line.startswith("VmRSS:")
     )
-    print(f"start-to-ready {start_to_ready:.2f} s, idle RSS {rss_kb / 1024:.1f} MB")
-    assert start_to_ready < 5
-    assert rss_kb < 80 * 1024
+    mb = rss_kb / 1024
+    print(f"start-to-ready {start_to_ready:.2f} s wall, {cpu:.2f} s CPU, RSS {mb:.1f} MB")
+    assert cpu < 1.5
+    assert rss_kb < 60 * 1024
+    assert start_to_ready < 15

@@ -15,6 +15,7 @@ import random
 import statistics
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -78,7 +79,12 @@ class Traffic:
         recent = self.latencies[since:]
         assert len(recent) >= 20
         p99 = statistics.quantiles(recent, n=100)[98]
-        assert p99 < p99_bound, f"p99 {p99 * 1000:.1f} ms during the attack"
+        # On a machine busy with other work, calm calls are slower too: the bound is then a
+        # multiple of the calm p99 measured before the attack, on the same machine.
+        calm = self.latencies[:since]
+        if len(calm) >= 20:
+            p99_bound = max(p99_bound, 3 * statistics.quantiles(calm, n=100)[98])
+        assert p99 < p99_bound, f"p99 {p99 * 1000:.1f} ms during the attack (bound {p99_bound})"
 
 
 @pytest.fixture
@@ -90,6 +96,8 @@ async def pair(make_node: NodeFactory) -> AsyncIterator[Traffic]:
     await async_wait_until(lambda: b.name in a.nodes() and a.name in b.nodes(), timeout=5)
     traffic = Traffic(a, b)
     traffic.start()
+    # A calm baseline before any attack (see Traffic.check).
+    await async_wait_until(lambda: len(traffic.latencies) >= 20, timeout=10, message="calm calls")
     yield traffic
     await traffic.stop()
 
@@ -246,24 +254,28 @@ async def test_many_silent_connections_do_not_keep_others_out(
 ) -> None:
     since = len(pair.latencies)
     count = 150
-    started = time.monotonic()
-    conns = await asyncio.gather(*(connect(pair.b) for _ in range(count)))
 
-    async def closed_after(reader: asyncio.StreamReader) -> float:
-        await until_closed(reader, HANDSHAKE_TIMEOUT + 2)
-        return time.monotonic() - started
+    async def silent() -> tuple[asyncio.StreamWriter, asyncio.Task[float]]:
+        """Connect and say nothing; the task gives how long the node kept the connection."""
+        reader, writer = await connect(pair.b)
+        opened = time.monotonic()
 
-    # Watched from now on, so that a slow join below cannot make a refusal look late
-    # (on a loaded machine this once counted every refusal as a timeout).
-    closing = [asyncio.create_task(closed_after(reader)) for reader, _ in conns]
+        async def lifetime() -> float:
+            await until_closed(reader, HANDSHAKE_TIMEOUT + 2)
+            return time.monotonic() - opened
+
+        return writer, asyncio.create_task(lifetime())
+
+    conns = await asyncio.gather(*(silent() for _ in range(count)))
     # While they hold every handshake slot their address may have, a new node joins.
     c = await make_node([peer_of(pair.b)], handshake_timeout=HANDSHAKE_TIMEOUT)
     await async_wait_until(lambda: pair.b.name in c.nodes(), timeout=HANDSHAKE_TIMEOUT / 2)
-    assert time.monotonic() - started < HANDSHAKE_TIMEOUT
-
-    times = await asyncio.gather(*closing)
-    for _, writer in conns:
+    still_held = sum(not task.done() for _, task in conns)
+    assert still_held >= MAX_PENDING_HANDSHAKES_PER_HOST, "the slots were free again already"
+    times = await asyncio.gather(*(task for _, task in conns))
+    for writer, _ in conns:
         writer.close()
+    # Each connection's own lifetime, from its connect, so slow setup cannot skew it.
     # Beyond the per-address cap, connections are refused at once; the rest time out.
     refused_at_once = sum(t < HANDSHAKE_TIMEOUT / 2 for t in times)
     assert refused_at_once >= count - MAX_PENDING_HANDSHAKES_PER_HOST
@@ -335,3 +347,33 @@ async def test_everything_at_once_while_calls_stay_fast(
         calm_p99 * 1000,
     )
     assert p99 < max(0.1, 20 * calm_p99)
+
+
+async def test_a_forged_proof_is_dropped_and_never_welcomed(
+    pair: Traffic, mesh_logs: pytest.LogCaptureFixture
+) -> None:
+    """A raw client goes through the whole handshake as a dialer but proves with another
+    cookie: the acceptor's own check must drop it (a wrong-cookie node would stop earlier, at
+    its check of the acceptor's proof, so only a hand-made client reaches this one)."""
+    since = len(pair.latencies)
+    reader, writer = await connect(pair.b)
+    forged = wire.Hello(
+        wire.PROTOCOL_VERSION, "hi@127.0.20.250", 4370, os.urandom(8), os.urandom(32), None
+    )
+    writer.write(wire.encode_frame(forged.to_wire()))
+    decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_FRAME)
+    frames: list[Any] = []
+    async with asyncio.timeout(5):
+        while not frames:
+            chunk = await reader.read(65536)
+            assert chunk, "closed before the CHALLENGE"
+            frames += decoder.feed(chunk)
+    challenge = wire.parse_challenge(frames.pop(0))
+    wrong_key = wire.cookie_key("not-the-cookie")
+    writer.write(wire.encode_frame(wire.make_proof(wrong_key, forged, challenge)))
+    rest = decoder.feed(await until_closed(reader, HANDSHAKE_TIMEOUT + 2))
+    writer.close()
+    assert not any(isinstance(f, dict) and f.get("t") == "welcome" for f in frames + rest), rest
+    assert forged.name not in pair.b.nodes()
+    assert any("dialer's cookie proof is wrong" in w for w in warnings(mesh_logs))
+    await still_serving(pair, since)

@@ -65,7 +65,8 @@ async def test_a_sender_that_never_yields_is_held_back_by_a_slow_reader(
     task = asyncio.create_task(flood())
     await async_wait_until(lambda: not writer._writable.is_set(), timeout=5, message="paused")
     sent_when_paused = sent
-    await asyncio.sleep(0.2)  # the sender must be stuck now, not queueing on
+    for _ in range(1000):  # the flood gets every chance to run: it must be stuck, not queueing
+        await asyncio.sleep(0)
     assert sent == sent_when_paused
     assert writer.transport.get_write_buffer_size() <= WRITE_HIGH_WATER + WRITE_BATCH + 2000
     assert len(writer._out) == 0
@@ -100,7 +101,13 @@ async def test_a_frame_over_the_size_limit_drops_the_connection(make_node: NodeF
     b = await make_node(max_frame_size=64 * 1024)
     a = await make_node([peer_of(b)])
     await async_wait_until(lambda: a.name in b.nodes(), timeout=5)
-    b.register("sink", lambda _payload, _sender: None)
+    received: list[int] = []
+    b.register("sink", lambda payload, _sender: received.append(len(payload)))
+    # Under the limit (and far over the 4 KiB handshake limit): delivered, still connected.
+    under = 64 * 1024 - 1024
+    assert under > wire.MAX_HANDSHAKE_FRAME
+    await a.send(b.name, "sink", b"x" * under)
+    await async_wait_until(lambda: received == [under], timeout=5, message="delivered")
     await a.send(b.name, "sink", b"x" * (64 * 1024))  # header + envelope: over the limit
     await async_wait_until(lambda: a.name not in b.nodes(), timeout=5, message="dropped")
-    assert wire.MAX_HANDSHAKE_FRAME < 64 * 1024
+    assert received == [under]

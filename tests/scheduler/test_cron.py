@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -127,18 +129,38 @@ def test_day_fields_combine_as_crontab_by_default_and_as_quantum_when_asked() ->
         CronSchedule.parse("* * * * *", day_match="or")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("alias", sorted(ALIASES))
+# The next three fire times after Thursday 2024-02-29 13:14:15 UTC, worked out by hand
+# (not from the alias table, so a wrong table entry fails here).
+ALIAS_FIRES = {
+    "@yearly": ["2025-01-01T00:00:00", "2026-01-01T00:00:00", "2027-01-01T00:00:00"],
+    "@annually": ["2025-01-01T00:00:00", "2026-01-01T00:00:00", "2027-01-01T00:00:00"],
+    "@monthly": ["2024-03-01T00:00:00", "2024-04-01T00:00:00", "2024-05-01T00:00:00"],
+    "@weekly": ["2024-03-03T00:00:00", "2024-03-10T00:00:00", "2024-03-17T00:00:00"],  # Sundays
+    "@daily": ["2024-03-01T00:00:00", "2024-03-02T00:00:00", "2024-03-03T00:00:00"],
+    "@midnight": ["2024-03-01T00:00:00", "2024-03-02T00:00:00", "2024-03-03T00:00:00"],
+    "@hourly": ["2024-02-29T14:00:00", "2024-02-29T15:00:00", "2024-02-29T16:00:00"],
+    "@minutely": ["2024-02-29T13:15:00", "2024-02-29T13:16:00", "2024-02-29T13:17:00"],
+    "@secondly": ["2024-02-29T13:14:16", "2024-02-29T13:14:17", "2024-02-29T13:14:18"],
+}
+
+
+def test_every_alias_has_an_expectation() -> None:
+    assert set(ALIAS_FIRES) == set(ALIASES)
+
+
+@pytest.mark.parametrize("alias", sorted(ALIAS_FIRES))
 def test_aliases_mean_their_expression(alias: str) -> None:
     start = datetime(2024, 2, 29, 13, 14, 15, tzinfo=UTC)
-    by_alias = CronSchedule.parse(alias.upper())
-    by_fields = CronSchedule.parse(ALIASES[alias])
-    t1: datetime | None = start
-    t2: datetime | None = start
+    schedule = CronSchedule.parse(alias.upper())
+    got: list[str] = []
+    t: datetime | None = start
     for _ in range(3):
-        assert t1 is not None and t2 is not None
-        t1, t2 = by_alias.next_after(t1), by_fields.next_after(t2)
-        assert t1 == t2
-    assert str(by_alias) == alias
+        assert t is not None
+        t = schedule.next_after(t)
+        assert t is not None
+        got.append(t.isoformat())
+    assert got == [f"{iso}+00:00" for iso in ALIAS_FIRES[alias]]
+    assert str(schedule) == alias
 
 
 def test_secondly_and_minutely() -> None:
@@ -210,6 +232,9 @@ def test_latest_in_finds_the_newest_tick_of_a_gap() -> None:
         ("@fortnightly", "unknown alias"),
         ("H * * * *", "hashed/random"),
         ("R 0 * * *", "hashed/random"),
+        ("H/5 * * * *", "hashed/random"),
+        ("0 H(0-5) * * *", "hashed/random"),
+        ("0 0 * * * R/2", "hashed/random"),
         ("* * * FOO *", "not acceptable"),
         ("a b c d e", "not acceptable"),
     ],
@@ -304,3 +329,39 @@ def test_interval_schedules_run_through_both_passes_of_a_repeat() -> None:
         "2024-11-03T01:00:00-05:00",
         "2024-11-03T02:00:00-05:00",
     ]
+
+
+@pytest.fixture
+def far_local_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone set far from UTC (CI machines run in UTC, which would
+    hide a conversion that uses the local zone where UTC is meant)."""
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")  # UTC+14, no DST
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/New_York"])
+def test_results_do_not_depend_on_the_machines_local_zone(far_local_zone: None, zone: str) -> None:
+    # Around the spring-forward and fall-back changes of 2025 in both zones, and a plain day.
+    for start in (
+        "2025-03-09T06:30:00",
+        "2025-03-30T00:30:00",
+        "2025-10-26T00:30:00",
+        "2025-11-02T05:30:00",
+        "2025-06-01T12:00:00",
+    ):
+        at = datetime.fromisoformat(start).replace(tzinfo=UTC)
+        for expr in ("*/20 * * * * *", "0 30 * * * *", "0 0 2 * * *", "0 15 1,2,3 * * *"):
+            schedule = CronSchedule.parse(expr, zone)
+            got = schedule.next_after(at)
+            assert got is not None and got.tzinfo is UTC
+            wall = croniter(expr, at.astimezone(ZoneInfo(zone)), second_at_beginning=True)
+            if zone == "UTC":
+                assert got == wall.get_next(datetime)
+            later = at + timedelta(hours=30)
+            latest = schedule.latest_in(at, later)
+            assert latest is not None and at < latest <= later
+            following = schedule.next_after(latest)
+            assert following is not None and following > later

@@ -281,11 +281,19 @@ async def test_skip_drops_missed_ticks_after_a_leadership_gap(
     ticks: asyncio.Queue[datetime] = asyncio.Queue()
     expr, target = second_from_now(30)
     newest_missed = target - timedelta(minutes=1)
+    started: list[datetime] = []
+    scheduler.on_job_start = lambda job, tick: started.append(tick)
     scheduler.add_job(expr, recorder(ticks), name="skipper")  # misfire="skip" by default
     await scheduler.start()
-    scheduler.start_leading({"skipper": JobState(last_tick=newest_missed - timedelta(minutes=3))})
+    last_tick = newest_missed - timedelta(minutes=3)
+    scheduler.start_leading({"skipper": JobState(last_tick=last_tick)})
     await logs.wait_for("skipped (misfire=skip)")
-    assert ticks.empty()
+    # A launch claims the tick synchronously, in the same step as the log line.
+    assert scheduler.job_state("skipper").last_tick == last_tick
+    # Give a launched run task every chance to run: a launch would show up here.
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert started == [] and ticks.empty()
     assert scheduler.jobs_snapshot()[0]["next_run"] == target.isoformat()
 
 
@@ -601,3 +609,43 @@ def test_stale_state_updates_are_ignored() -> None:
     state = s.job_state("j")
     assert state.last_tick == t + timedelta(seconds=3) and state.running_since is None
     assert s.jobs_snapshot()[0]["running"] is False
+
+
+async def test_a_replicated_state_keeps_the_running_fields_of_a_run_in_flight_here(
+    scheduler: Scheduler,
+) -> None:
+    """An update from the cluster (an echo, or another node's view) must not wipe the fact
+    that a run is in flight here; a marker naming this node while nothing runs here is
+    stale and dropped; an older update is ignored."""
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow(ctx: RunContext) -> None:
+        started.set()
+        await release.wait()
+
+    scheduler.add_job("@daily", slow, name="slow")
+    tick = datetime(2030, 1, 1, tzinfo=UTC)
+    scheduler.update_state("slow", JobState(last_tick=tick))
+    run = asyncio.create_task(scheduler.run_now("slow"))
+    await asyncio.wait_for(started.wait(), DEADLINE)
+    mine = scheduler.job_state("slow")
+    assert mine.running_on == "node-a@127.0.0.2" and mine.running_since is not None
+    scheduler.update_state("slow", JobState(last_tick=tick + timedelta(days=1)))
+    now = scheduler.job_state("slow")
+    assert now.last_tick == tick + timedelta(days=1)
+    assert (now.running_on, now.running_since, now.running_tick) == (
+        mine.running_on,
+        mine.running_since,
+        mine.running_tick,
+    )
+    scheduler.update_state("slow", JobState(last_tick=tick))  # older: ignored
+    assert scheduler.job_state("slow").last_tick == tick + timedelta(days=1)
+    release.set()
+    await asyncio.wait_for(run, DEADLINE)
+    echo = JobState(last_tick=tick + timedelta(days=2), running_on="node-a@127.0.0.2")
+    echo.running_since = echo.running_tick = tick + timedelta(days=2)
+    scheduler.update_state("slow", echo)  # names this node, nothing in flight: stale
+    after = scheduler.job_state("slow")
+    assert (after.running_on, after.running_since, after.running_tick) == (None, None, None)
+    assert after.last_tick == tick + timedelta(days=2)

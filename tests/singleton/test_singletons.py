@@ -70,6 +70,25 @@ async def stopper() -> AsyncIterator[list[Node]]:
         await node.stop()
 
 
+async def reconciled(node: Node, passes: int = 5) -> None:
+    """Wait until `node` has re-evaluated its singletons `passes` more times (its periodic
+    check runs every 0.1 s): a witness that it had every chance to act, not a fixed sleep."""
+    manager = node.singletons
+    original = manager._reconcile
+    count = 0
+
+    def counting() -> None:
+        nonlocal count
+        count += 1
+        original()
+
+    manager._reconcile = counting  # type: ignore[method-assign]
+    try:
+        await async_wait_until(lambda: count >= passes, 5.0, message=f"{passes} re-evaluations")
+    finally:
+        del manager._reconcile
+
+
 async def test_no_claim_before_the_first_discovery_round(stopper: list[Node]) -> None:
     rec = Recorder()
     node, gate = make_node("127.0.70.2", [])
@@ -77,8 +96,8 @@ async def test_no_claim_before_the_first_discovery_round(stopper: list[Node]) ->
     node.add_singleton("s", rec.func(node.name))
     stopper.append(node)
     await node.start()
-    await asyncio.sleep(0.3)  # nothing may happen; there is no event to wait for
-    assert rec.running == set()
+    await reconciled(node)
+    assert rec.running == set() and rec.starts == []
     gate.open.set()
     await async_wait_until(lambda: rec.running == {node.name}, 2.0)
 
@@ -96,7 +115,8 @@ async def test_incumbent_keeps_it_when_a_smaller_node_joins(stopper: list[Node])
     await late.start()
     await async_wait_until(lambda: late.nodes() == [first.name], 2.0)
     await async_wait_until(lambda: late.singletons.holders()["s"] == first.name, 2.0)
-    await asyncio.sleep(0.3)
+    await reconciled(late)
+    await reconciled(first)
     assert rec.running == {first.name}
     assert rec.starts == [(first.name, 1)]
 
@@ -235,7 +255,7 @@ async def test_quorum_holder_that_hears_nobody_steps_down_once_and_stays_down(
         conn.transport.pause_reading()
     await async_wait_until(lambda: holder_name not in rec.running, 2.0)
     await async_wait_until(lambda: holder.nodes() == [], 2.0)  # its detector drops them
-    await asyncio.sleep(0.3)  # a few of the 0.1 s re-checks: it must stay down
+    await reconciled(holder, 3)  # a few of the 0.1 s re-checks: it must stay down
     assert [name for name, _ in rec.starts].count(holder_name) == 1, rec.starts
 
 
@@ -275,3 +295,130 @@ async def test_quorum_is_valid_lapses_during_a_stall_and_confirm_asks_again(
         return [name for name, c in contexts.items() if c.is_valid()]
 
     await async_wait_until(lambda: len(valid()) == 1, 8.0)
+
+
+async def test_an_even_quorum_split_runs_it_on_neither_side(stopper: list[Node]) -> None:
+    """Four expected nodes split 2 against 2: two of four is no strict majority, so neither
+    side runs the quorum singleton; once the halves meet, exactly one node runs it."""
+    rec, marker = Recorder(), Recorder()
+    hosts = ("127.0.79.2", "127.0.79.3", "127.0.79.4", "127.0.79.5")
+    everyone = [Peer("hi", h, 4371) for h in hosts]
+    halves = [everyone[:2], everyone[2:]]
+    made = [make_node(p.host, half, expected_nodes=4) for half in halves for p in half]
+    nodes = [node for node, _ in made]
+    for node in nodes:
+        # Reconciled in registration order: when a mesh-mode singleton has started on
+        # both halves, the quorum one has been decided in the same pass, or before.
+        node.add_singleton("q", rec.func(node.name), mode="quorum")
+        node.add_singleton("m", marker.func(node.name), mode="mesh")
+        stopper.append(node)
+    for node in nodes:
+        await node.start()
+    await async_wait_until(lambda: marker.running == {nodes[0].name, nodes[2].name}, 3.0)
+    assert rec.running == set() and rec.starts == []
+    for _, gate in made:
+        gate.peers = everyone  # the halves meet
+    await async_wait_until(lambda: len(rec.running) == 1, 5.0)
+    assert len(rec.starts) == 1, rec.starts
+
+
+async def test_a_quorum_holder_steps_down_before_its_failure_detector_fires(
+    stopper: list[Node],
+) -> None:
+    """A majority counts only peers heard from within a heartbeat less than the failure
+    timeout, so a holder whose peers went silent stops while it still lists them as
+    connected (and so before the majority side can declare it down and take over)."""
+    rec = Recorder()
+    peers = [Peer("hi", h, 4371) for h in ("127.0.80.2", "127.0.80.3", "127.0.80.4")]
+    timing = {"heartbeat_interval": 0.5, "failure_timeout": 3.0, "expected_nodes": 3}
+    made = [make_node(p.host, peers, **timing) for p in peers]
+    nodes = [node for node, _ in made]
+    connected_at_step_down: list[list[str]] = []
+    for node in nodes:
+        stop_watch = rec.func(node.name)
+
+        async def run(ctx: SingletonContext, node: Node = node, inner=stop_watch) -> None:  # type: ignore[no-untyped-def]
+            try:
+                await inner(ctx)
+            finally:
+                connected_at_step_down.append(node.nodes())
+
+        node.add_singleton("s", run, mode="quorum")
+        stopper.append(node)
+    for node in nodes:
+        await node.start()
+    await async_wait_until(lambda: len(rec.running) == 1, 3.0)
+    for _, gate in made:
+        gate.peers = []
+    (holder_name,) = rec.running
+    holder = next(n for n in nodes if n.name == holder_name)
+    assert holder.mesh is not None
+    for conn in holder.mesh.connections.values():
+        assert conn.transport is not None
+        conn.transport.pause_reading()
+    await async_wait_until(lambda: connected_at_step_down != [], 5.0)
+    assert len(connected_at_step_down[0]) == 2, connected_at_step_down
+
+
+async def test_validity_holder_flag_and_snapshot_follow_the_claim(stopper: list[Node]) -> None:
+    """What a running task and `/cluster` see: `ctx.is_valid()` is true while this node holds
+    it and false once it let go; `is_holder` and `snapshot()` name the holder, mode, token."""
+    contexts: list[SingletonContext] = []
+
+    async def keep(ctx: SingletonContext) -> None:
+        contexts.append(ctx)
+        await asyncio.Event().wait()
+
+    peers = [Peer("hi", h, 4371) for h in ("127.0.81.2", "127.0.81.3")]
+    a, _ = make_node(peers[0].host, peers)
+    b, _ = make_node(peers[1].host, peers)
+    for node in (a, b):
+        node.add_singleton("s", keep)
+        stopper.append(node)
+    await a.start()
+    await async_wait_until(lambda: len(contexts) == 1, 2.0)
+    await b.start()
+    await async_wait_until(lambda: b.singletons.holders().get("s") == a.name, 2.0)
+    assert contexts[0].is_valid() and contexts[0].token == 1 and contexts[0].mode == "mesh"
+    assert a.singletons.is_holder("s") and not b.singletons.is_holder("s")
+    expected = {"s": {"holder": a.name, "mode": "mesh", "token": 1}}
+    assert {k: v for k, v in a.singletons.snapshot().items() if k == "s"} == expected
+    assert b.singletons.snapshot()["s"]["holder"] == a.name
+    await a.stop()
+    assert not contexts[0].is_valid()
+    await async_wait_until(lambda: len(contexts) == 2, 2.0)  # b took over
+    assert contexts[1].is_valid() and b.singletons.is_holder("s")
+    assert b.singletons.snapshot()["s"] == {"holder": b.name, "mode": "mesh", "token": 1}
+
+
+@pytest.mark.skipif(pg_reason is not None, reason=str(pg_reason))
+async def test_a_lease_holder_renews_and_keeps_it_over_several_ttls(stopper: list[Node]) -> None:
+    rec = Recorder()
+    with running_postgres() as pg:
+        peers = [Peer("hi", h, 4371) for h in ("127.0.82.2", "127.0.82.3")]
+        nodes = [make_node(p.host, peers, lease_dsn=pg.dsn, lease_ttl=0.6)[0] for p in peers]
+        for node in nodes:
+            node.add_singleton("s", rec.func(node.name), mode="lease")
+            stopper.append(node)
+        for node in nodes:
+            await node.start()
+        await async_wait_until(lambda: len(rec.running) == 1, 5.0)
+        (holder_name,) = rec.running
+        holder = next(n for n in nodes if n.name == holder_name)
+        backend = holder.singletons.lease_backend
+        assert backend is not None
+        renewed: list[bool] = []
+        renew = backend.renew
+
+        async def counting(name: str, owner: str, token: int, ttl: float) -> bool:
+            ok = await renew(name, owner, token, ttl)
+            renewed.append(ok)
+            return ok
+
+        backend.renew = counting  # type: ignore[method-assign]
+        # Six renewals (every ttl/3) span three lease lengths: without them it would expire.
+        await async_wait_until(lambda: len(renewed) >= 6, 5.0, message="six renewals")
+        assert all(renewed), renewed
+        assert rec.running == {holder_name} and rec.starts == [(holder_name, 1)]
+        for node in nodes:
+            await node.stop()

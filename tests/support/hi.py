@@ -12,6 +12,7 @@ README's local cluster does.
 from __future__ import annotations
 
 import json
+import random
 import socket
 import subprocess
 import time
@@ -28,10 +29,26 @@ HI = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "hi")
 COOKIE = "test-cookie-0123456789abcdef-9f8e7d6c"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+_TAKEN: set[int] = set()
+
+
+def free_port(host: str = "0.0.0.0") -> int:
+    """A port free on `host` and on all addresses (hi's HTTP server binds 0.0.0.0), taken
+    below the kernel's ephemeral range (32768 and up), so that no outgoing connection can
+    grab it between this probe and the node's bind (a flake the flake hunt found)."""
+    for _ in range(500):
+        port = random.randint(20000, 32000)
+        if port in _TAKEN:
+            continue
+        try:
+            for address in {host, "0.0.0.0"}:
+                with socket.socket() as probe:
+                    probe.bind((address, port))
+        except OSError:
+            continue
+        _TAKEN.add(port)
+        return port
+    raise RuntimeError("no free port found in 20000-32000")
 
 
 def hosts_list(hosts: list[str], basename: str = "hi") -> str:

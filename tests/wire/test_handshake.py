@@ -313,3 +313,18 @@ def test_any_cookie_string_gives_a_key_even_with_surrogate_escapes(cookie: str) 
         assume(False)  # not something os.environ can hold
     assert len(wire.cookie_key(cookie)) == 32
     assert wire.cookie_key(cookie) == wire.cookie_key(raw.decode("utf-8", "surrogateescape"))
+
+
+def test_the_cookie_fingerprint_is_stable_across_versions() -> None:
+    """Operators compare the logged fingerprint between nodes and releases: it must not move."""
+    assert wire.cookie_fingerprint("correct horse battery staple") == "sha256:84b4ff98"
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536, 70000, "4370", None, 4370.0])
+def test_a_hello_with_a_port_out_of_range_or_not_an_int_is_refused(port: Any) -> None:
+    hello = wire.Hello(wire.PROTOCOL_VERSION, "hi@10.0.0.2", 4370, b"i" * 8, b"n" * 32, None)
+    msg = {**hello.to_wire(), "port": port}
+    with pytest.raises(wire.HandshakeError, match="malformed port"):
+        wire.parse_hello(msg)
+    for edge in (1, 65535):
+        assert wire.parse_hello({**msg, "port": edge}).port == edge
