@@ -19,6 +19,7 @@ import pytest
 
 from shoal import Node, Settings
 from shoal.control import ControlError, ControlServer, socket_path_for
+from tests.support.hi import COOKIE
 
 HOST = "127.0.11.60"
 NOBODY = 65534
@@ -68,7 +69,7 @@ def open_dir() -> Iterator[Path]:
 @pytest.fixture
 async def node(open_dir: Path) -> AsyncIterator[Node]:
     settings = Settings(
-        cookie="control-access-cookie",
+        cookie=COOKIE,
         host=HOST,
         port=free_port(),
         topology="static",
