@@ -38,7 +38,7 @@ def outcome(value: Any = None, error: BaseException | None = None) -> JSONRespon
 
 
 def main() -> None:
-    configure_logging()
+    configure_logging(os.environ)
     node = Node.from_env()
     node.register("slow", lambda seconds, _sender: time.sleep(float(seconds)) or "slept")
     node.register("blob", lambda size, _sender: b"x" * int(size))
