@@ -162,8 +162,13 @@ class ClusterJobs:
         return (await self.scheduler.run_now(name)).to_wire()
 
     # state replication -------------------------------------------------------
-    def _state_changed(self, job: Job, state: JobState) -> None:
+    async def _state_changed(self, job: Job, state: JobState) -> None:
         self._broadcast(job.name, state)
+        # Let the queued frames reach the sockets before the run begins: a batched
+        # (encrypted) connection writes at the end of this loop iteration, and a holder
+        # SIGKILLed before that would take its "tick started" marker with it, so the
+        # successor would run the tick again.
+        await asyncio.sleep(0)
 
     def _broadcast(self, name: str, state: JobState) -> None:
         self.node.messaging.send_to_peers(STATE_HANDLER, {name: state.to_wire()})

@@ -109,14 +109,7 @@ def test_sigkill_of_the_holder_fails_over_within_a_second(procs: Procs) -> None:
     found = job_log.runs([p.output() for p in procs.procs])
     ran_by = {r.tick: r.node for r in found if first <= r.tick <= last}
     assert leader_name in ran_by.values() and len(set(ran_by.values())) == 2, ran_by
-    # KNOWN BUG (open, see the README's mesh-mode guarantees): in mesh mode the tick the
-    # killed holder had just started was seen to run again on the successor (1 of ~6
-    # full-suite runs), as if its start marker had not reached the peers. Until it is
-    # found, that one tick may run twice; every other tick must run exactly once.
-    assert_one_run_per_tick(procs, first, killed_tick - 1)
-    assert_one_run_per_tick(procs, killed_tick + 1, last)
-    counts = job_log.ticks_between(found, killed_tick, killed_tick)
-    assert 1 <= counts[killed_tick] <= 2, counts
+    assert_one_run_per_tick(procs, first, last)
 
 
 def test_sigterm_while_the_job_runs_hands_over_without_overlap(procs: Procs) -> None:
