@@ -885,7 +885,14 @@ class Scheduler:
             merged.running_on = current.running_on
         elif merged.running_on == self.node:
             merged.running_since = merged.running_tick = merged.running_on = None
-        self._states[name] = merged
+        if name not in self._states:
+            self._states[name] = merged
+            return
+        # In place: a run in flight holds this object and clears its running fields
+        # when it ends; a replaced object would keep them, and the job would look
+        # busy for ever (overlap=False then skips every later tick).
+        for f in fields(JobState):
+            setattr(self._states[name], f.name, getattr(merged, f.name))
 
     # -- helpers ------------------------------------------------------------------------------
 

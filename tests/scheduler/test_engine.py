@@ -30,6 +30,7 @@ from shoal.scheduler import (
     Scheduler,
     SchedulerError,
 )
+from tests.support.procs import async_wait_until
 
 DEADLINE = 5.0  # seconds; generous upper bound for anything that should happen within ~2 ticks
 
@@ -649,3 +650,35 @@ async def test_a_replicated_state_keeps_the_running_fields_of_a_run_in_flight_he
     after = scheduler.job_state("slow")
     assert (after.running_on, after.running_since, after.running_tick) == (None, None, None)
     assert after.last_tick == tick + timedelta(days=2)
+
+
+async def test_an_echo_of_the_running_state_during_a_run_does_not_leave_the_job_busy(
+    scheduler: Scheduler,
+) -> None:
+    """A peer that joins mid-run sends this node's own in-flight state back (same tick, same
+    runs). Adopting it must not keep the job marked running after the run ends: with
+    overlap=False that would skip every later tick (seen on real nodes)."""
+    release = asyncio.Event()
+    starts: list[int] = []
+
+    async def slow() -> None:
+        starts.append(1)
+        await release.wait()
+
+    reports: asyncio.Queue[JobState] = asyncio.Queue()
+
+    def replicate(job: Job, state: JobState) -> None:
+        reports.put_nowait(state)
+
+    scheduler.state_changed = replicate
+    scheduler.add_job("* * * * * *", slow, name="echoed", overlap=False)
+    await scheduler.start()
+    scheduler.start_leading()
+    running = await asyncio.wait_for(reports.get(), DEADLINE)
+    assert running.running_since is not None
+    scheduler.update_state("echoed", running.copy())  # the echo, while the run is in flight
+    release.set()
+    done = await asyncio.wait_for(reports.get(), DEADLINE)
+    assert done.running_since is None
+    assert scheduler.states()["echoed"].running_since is None
+    await async_wait_until(lambda: len(starts) >= 2, 3.0)  # the next tick runs
