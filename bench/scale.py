@@ -23,8 +23,9 @@ reads those, so it adds no traffic to the mesh. Every node stops by itself
 after a lifetime; the driver ends the ones it started by PID.
 
 Run it in a private network namespace (own loopback, no port clashes):
-    /work/isolate.sh .venv/bin/python bench/scale.py --sizes 10
-    /work/isolate.sh .venv/bin/python bench/scale.py --sizes 10 30 100 --json out.json
+    sudo unshare --net sh -c 'ip link set lo up && exec .venv/bin/python bench/scale.py --sizes 10'
+    sudo unshare --net sh -c 'ip link set lo up && \
+        exec .venv/bin/python bench/scale.py --sizes 10 30 100 --json out.json'
 """
 
 from __future__ import annotations

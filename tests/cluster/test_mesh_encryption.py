@@ -7,7 +7,7 @@ A reaches B, yet never appears in the recorded bytes. Then the proxy flips a
 single bit in the stream: the receiving node drops that connection (and only
 that one: C stays connected to both), and A and B reconnect afterwards.
 
-Needs root for iptables; run it through /work/isolate.sh or in CI as root.
+Needs root for iptables (inside the test's own network namespaces), as in CI.
 """
 
 from __future__ import annotations
