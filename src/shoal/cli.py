@@ -3,61 +3,42 @@
 Every command except `lookup` and `cookie` asks a node running on this machine, as the
 same user, over its unix control socket (see `shoal.control`). With one node
 running nothing needs to be named; with several, pick one with `--node`.
+
+Built on argparse, so the command costs the library no dependency.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import errno
+import inspect
 import json
 import os
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
-
-import typer
+from typing import Any, NoReturn
 
 from shoal import control
+from shoal._version import version
 
-app = typer.Typer(
-    name="shoal",
-    help=(
-        "Inspect and operate shoal nodes. `lookup` asks DNS what discovery would see; "
-        "the other commands ask a node running on this machine (as your user) through "
-        "its control socket."
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+DESCRIPTION = (
+    "Inspect and operate shoal nodes. `lookup` asks DNS what discovery would see; "
+    "the other commands ask a node running on this machine (as your user) through "
+    "its control socket."
 )
 
-NodeOption = Annotated[
-    str | None,
-    typer.Option(
-        "--node",
-        "-n",
-        help="Full name of the local node to ask, e.g. hi@10.0.0.2 (needed when several run).",
-        show_default=False,
-    ),
-]
-SocketOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--socket",
-        "-s",
-        help="Path of the node's control socket (default: SHOAL_CONTROL_SOCKET, else found).",
-        envvar="SHOAL_CONTROL_SOCKET",
-        show_default=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON reply.")]
+
+def echo(text: object = "") -> None:
+    print(text)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print an error a newcomer can act on, and exit non-zero (no traceback)."""
-    typer.echo(f"shoal: {message}", err=True)
-    raise typer.Exit(code)
+    print(f"shoal: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def find_socket(node: str | None, socket_path: Path | None) -> Path:
@@ -107,33 +88,20 @@ def not_reachable(node: str | None, path: Path, exc: control.ControlError) -> st
 
 
 def print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, default=str))
+    echo(json.dumps(value, indent=2, default=str))
 
 
-@app.command()
-def cookie() -> None:
+def cookie(args: argparse.Namespace) -> None:
     """Print a new strong RELEASE_COOKIE (256 random bits); give every node of a cluster the same.
 
     Example: `export RELEASE_COOKIE=$(shoal cookie)`.
     """
     from shoal import crypto
 
-    typer.echo(crypto.new_cookie())
+    echo(crypto.new_cookie())
 
 
-@app.command()
-def lookup(
-    query: Annotated[str, typer.Argument(help="DNS name, e.g. the Cloud Map service name.")],
-    dns_server: Annotated[
-        str | None,
-        typer.Option(
-            "--dns-server",
-            help="Nameserver as host:port (default: SHOAL_DNS_SERVER, else the system resolver).",
-            envvar="SHOAL_DNS_SERVER",
-            show_default=False,
-        ),
-    ] = None,
-) -> None:
+def lookup(args: argparse.Namespace) -> None:
     """Print the A/AAAA addresses DNS returns for QUERY, one per line.
 
     Like libcluster's `DNSPoll.lookup_all_ips`: the hosts DNS discovery would
@@ -142,24 +110,21 @@ def lookup(
     from shoal.discovery.dns import DNSLookupError, lookup_all_ips
 
     try:
-        ips = asyncio.run(lookup_all_ips(query, dns_server))
+        ips = asyncio.run(lookup_all_ips(args.query, args.dns_server))
     except DNSLookupError as exc:
         fail(str(exc))
     except ValueError as exc:
-        fail(f"--dns-server {dns_server!r} is not host:port ({exc})")
+        fail(f"--dns-server {args.dns_server!r} is not host:port ({exc})")
     if not ips:
-        fail(f"{query} has no A or AAAA records")
+        fail(f"{args.query} has no A or AAAA records")
     for ip in ips:
-        typer.echo(ip)
+        echo(ip)
 
 
-@app.command()
-def status(
-    node: NodeOption = None, socket: SocketOption = None, as_json: JsonOption = False
-) -> None:
+def status(args: argparse.Namespace) -> None:
     """Show a running node: its name, peers, readiness, topology, cookie fingerprint."""
-    result = ask(node, socket, "status")
-    if as_json:
+    result = ask(args.node, args.socket, "status")
+    if args.json:
         print_json(result)
         return
     singletons = result.pop("singletons", None) or {}
@@ -167,12 +132,12 @@ def status(
     for key, value in result.items():
         if isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
-        typer.echo(f"{key + ':':<12} {value}")
-    typer.echo(f"{'singletons:':<12} {'-' if not singletons else ''}")
+        echo(f"{key + ':':<12} {value}")
+    echo(f"{'singletons:':<12} {'-' if not singletons else ''}")
     for name, info in singletons.items():
         info = info if isinstance(info, dict) else {"holder": info}
-        typer.echo(f"  {name}: {info.get('holder') or 'nobody'} (mode {info.get('mode')})")
-    typer.echo(f"{'jobs:':<12} {'-' if not job_rows else ''}")
+        echo(f"  {name}: {info.get('holder') or 'nobody'} (mode {info.get('mode')})")
+    echo(f"{'jobs:':<12} {'-' if not job_rows else ''}")
     _print_jobs(job_rows)
 
 
@@ -180,10 +145,10 @@ def _print_jobs(rows: list[Any]) -> None:
     """One line per job: what a person asks first (when, where, how it went)."""
     for job in rows:
         if not isinstance(job, dict):
-            typer.echo(f"  {job}")
+            echo(f"  {job}")
             continue
         state = "running" if job.get("running") else (job.get("last_status") or "never run")
-        typer.echo(
+        echo(
             f"  {job.get('name')}  [{job.get('schedule')} {job.get('tz')}]"
             f"  {job.get('run_strategy')}  last {job.get('last_run') or '-'}"
             f" on {job.get('ran_on') or '-'} ({state})  next {job.get('next_run') or '-'}"
@@ -191,78 +156,56 @@ def _print_jobs(rows: list[Any]) -> None:
         )
 
 
-@app.command()
-def nodes(
-    node: NodeOption = None, socket: SocketOption = None, as_json: JsonOption = False
-) -> None:
+def nodes(args: argparse.Namespace) -> None:
     """List the peers a running node is connected to (like Elixir's Node.list)."""
-    result = ask(node, socket, "nodes")
-    if as_json:
+    result = ask(args.node, args.socket, "nodes")
+    if args.json:
         print_json(result)
         return
     for name in result:
-        typer.echo(name)
+        echo(name)
 
 
-@app.command()
-def ping(
-    target: Annotated[str, typer.Argument(metavar="NODE", help="Peer's full name, name@host.")],
-    node: NodeOption = None,
-    socket: SocketOption = None,
-) -> None:
+def ping(args: argparse.Namespace) -> None:
     """Round-trip a message from the local node to a connected peer."""
-    result = ask(node, socket, "ping", target)
-    typer.echo(f"pong from {result['node']} in {result['rtt_ms']:.2f} ms")
+    result = ask(args.node, args.socket, "ping", args.target)
+    echo(f"pong from {result['node']} in {result['rtt_ms']:.2f} ms")
 
 
-@app.command()
-def connect(
-    target: Annotated[
-        str, typer.Argument(metavar="NODE", help="name@host, host or host:port of the peer.")
-    ],
-    node: NodeOption = None,
-    socket: SocketOption = None,
-) -> None:
+def connect(args: argparse.Namespace) -> None:
     """Make the local node connect to a peer (like Elixir's Node.connect)."""
-    result = ask(node, socket, "connect", target)
-    typer.echo(f"connected to {result['node']}")
+    result = ask(args.node, args.socket, "connect", args.target)
+    echo(f"connected to {result['node']}")
 
 
-@app.command()
-def jobs(node: NodeOption = None, socket: SocketOption = None, as_json: JsonOption = False) -> None:
+def jobs(args: argparse.Namespace) -> None:
     """List the node's cron jobs: schedule, last run, next run, where it ran."""
-    result = ask(node, socket, "jobs")
-    if as_json or not isinstance(result, list):
+    result = ask(args.node, args.socket, "jobs")
+    if args.json or not isinstance(result, list):
         print_json(result)
         return
     if not result:
-        typer.echo("no jobs")
+        echo("no jobs")
     _print_jobs(result)
 
 
-@app.command("run-job")
-def run_job(
-    name: Annotated[str, typer.Argument(help="Name of the job, as `shoal jobs` lists it.")],
-    node: NodeOption = None,
-    socket: SocketOption = None,
-) -> None:
+def run_job(args: argparse.Namespace) -> None:
     """Run a cron job now, once, on the node that holds it."""
-    result = ask(node, socket, "run-job", name)
-    typer.echo(result if isinstance(result, str) else json.dumps(result, default=str))
+    result = ask(args.node, args.socket, "run-job", args.name)
+    echo(result if isinstance(result, str) else json.dumps(result, default=str))
 
 
-@app.command()
-def remote(node: NodeOption = None, socket: SocketOption = None) -> None:
+def remote(args: argparse.Namespace) -> None:
     """Open an asyncio Python prompt inside the running node.
 
     Like an Elixir release's `remote`: `node` is the running shoal.Node and
     top-level `await` works. Ctrl-D leaves; the node keeps running.
     """
-    path = find_socket(node, socket)
+    path = find_socket(args.node, args.socket)
     try:
         client = control.ControlClient(path)
     except control.ControlError as exc:
-        fail(not_reachable(node, path, exc))
+        fail(not_reachable(args.node, path, exc))
     with client:
         client.sock.settimeout(None)  # typed code may legitimately run for long
         opened = client.request("remote")
@@ -323,11 +266,84 @@ class RemoteClient:
         return bool(reply.get("more"))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per function above, its docstring as its help."""
+    top = argparse.ArgumentParser(prog="shoal", description=DESCRIPTION)
+    top.add_argument("--version", action="version", version=f"shoal {version()}")
+    commands = top.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(
+        name: str, run: Callable[[argparse.Namespace], None], *, local: bool = True
+    ) -> argparse.ArgumentParser:
+        doc = inspect.cleandoc(run.__doc__ or "")
+        sub = commands.add_parser(
+            name,
+            help=doc.split("\n")[0],
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(run=run)
+        if local:  # asks a node on this machine through its control socket
+            sub.add_argument(
+                "--node",
+                "-n",
+                metavar="NAME",
+                help="Full name of the local node to ask, e.g. hi@10.0.0.2 "
+                "(needed when several run).",
+            )
+            sub.add_argument(
+                "--socket",
+                "-s",
+                metavar="PATH",
+                type=Path,
+                default=env_path("SHOAL_CONTROL_SOCKET"),
+                help="Path of the node's control socket (default: SHOAL_CONTROL_SOCKET, "
+                "else found).",
+            )
+        return sub
+
+    command("cookie", cookie, local=False)
+    sub = command("lookup", lookup, local=False)
+    sub.add_argument("query", metavar="QUERY", help="DNS name, e.g. the Cloud Map service name.")
+    sub.add_argument(
+        "--dns-server",
+        metavar="HOST:PORT",
+        default=os.environ.get("SHOAL_DNS_SERVER") or None,
+        help="Nameserver as host:port (default: SHOAL_DNS_SERVER, else the system resolver).",
+    )
+    json_help = "Print the raw JSON reply."
+    command("status", status).add_argument("--json", action="store_true", help=json_help)
+    command("nodes", nodes).add_argument("--json", action="store_true", help=json_help)
+    command("ping", ping).add_argument(
+        "target", metavar="NODE", help="Peer's full name, name@host."
+    )
+    command("connect", connect).add_argument(
+        "target", metavar="NODE", help="name@host, host or host:port of the peer."
+    )
+    command("jobs", jobs).add_argument("--json", action="store_true", help=json_help)
+    command("run-job", run_job).add_argument(
+        "name", metavar="NAME", help="Name of the job, as `shoal jobs` lists it."
+    )
+    command("remote", remote)
+    return top
+
+
+def env_path(variable: str) -> Path | None:
+    """A path from the environment; unset and empty are the same (no path)."""
+    value = os.environ.get(variable)
+    return Path(value) if value else None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `.venv/bin/shoal`."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `shoal nodes | head` exits quietly
+    top = parser()
+    args = top.parse_args(argv)
+    if not hasattr(args, "run"):  # `shoal` alone: what it can do
+        top.print_help()
+        sys.exit(2)
     try:
-        app()
+        args.run(args)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:

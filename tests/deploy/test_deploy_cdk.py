@@ -393,6 +393,7 @@ def test_image_is_built_from_the_dockerfile_as_an_asset(default_synth: Synthesis
     staged = {p.relative_to(context).as_posix() for p in context.rglob("*")}
     assert {"pyproject.toml", "deploy/docker/Dockerfile", "src/shoal"} <= staged
     assert any(p.startswith("examples/hi/src") for p in staged)
+    assert "examples/hi/pyproject.toml" in staged
     assert not any(p.startswith((".venv", ".git/", "tests", "deploy/cdk")) for p in staged)
     for name in SERVICES:
         assert "Fn::Sub" in json.dumps(container(default_synth.raw, name)["Image"])

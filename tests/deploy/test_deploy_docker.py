@@ -73,7 +73,12 @@ def test_dockerfile_installs_only_locked_wheels_without_an_index() -> None:
     assert any("--require-hashes" in run for run in installs)
 
 
-IMAGE_EXTRAS = ("web", "metrics", "lease", "uvloop")  # as deploy/docker/build-wheels locks
+def image_extras() -> list[str]:
+    """The extras of shoal the image's app asks for (examples/hi/pyproject.toml)."""
+    hi = tomllib.loads((REPO / "examples" / "hi" / "pyproject.toml").read_text())["project"]
+    (shoal,) = [d for d in hi["dependencies"] if re.match(r"shoal\b", d)]
+    extras = re.search(r"\[(.*?)\]", shoal)
+    return [e.strip() for e in extras.group(1).split(",")] if extras else []
 
 
 def test_the_lock_pins_every_dependency_with_hashes() -> None:
@@ -81,11 +86,14 @@ def test_the_lock_pins_every_dependency_with_hashes() -> None:
     requirements = [line.split(" ")[0] for line in lock.splitlines() if line and line[0].isalnum()]
     assert requirements and all("==" in r for r in requirements)
     names = {r.split("==")[0] for r in requirements}
-    # Everything the image's extras ask for is locked (a new dependency needs a new lock).
+    # Everything the image's app asks for is locked (a new dependency needs a new lock).
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    wanted = project["dependencies"] + [d for e in IMAGE_EXTRAS for d in extras[e]]
+    assert set(image_extras()) == {"web", "metrics", "lease", "uvloop"}
+    wanted = project["dependencies"] + [d for e in image_extras() for d in extras[e]]
     assert {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower() for d in wanted} <= names
+    # Only what the image runs: no CLI framework, no contributors' tools.
+    assert not names & {"typer", "pytest", "shoal", "shoal-hi"}
     assert lock.count("--hash=sha256:") >= len(requirements)
 
 
@@ -93,7 +101,12 @@ def test_dockerignore_keeps_the_context_small() -> None:
     lines = (REPO / ".dockerignore").read_text().splitlines()
     patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     assert patterns[0] == "*", "allow-list: ignore everything, then re-include"
-    for needed in ("!deploy/docker/requirements.lock", "!deploy/docker/wheels", "!pyproject.toml"):
+    for needed in (
+        "!deploy/docker/requirements.lock",
+        "!deploy/docker/wheels",
+        "!pyproject.toml",
+        "!examples/hi/pyproject.toml",
+    ):
         assert needed in patterns
 
 
@@ -283,8 +296,8 @@ def route(port: int, path: str, deadline_s: float = 15.0) -> str:
 def test_build_context_holds_everything_the_image_installs(
     default_synth: Synthesis, tmp_path: Path
 ) -> None:
-    """Build the project wheel from the staged (.dockerignore-filtered) context, as the
-    Dockerfile's `pip install ".[web]"` does, and check the app and its CLI are in it."""
+    """Build the two wheels from the staged (.dockerignore-filtered) context, as
+    deploy/docker/build-wheels does: the library alone in `shoal`, the app in `shoal-hi`."""
     manifest = json.loads(next(default_synth.outdir.glob("*.assets.json")).read_text())
     (image,) = manifest["dockerImages"].values()
     context = default_synth.outdir / image["source"]["directory"]
@@ -299,6 +312,7 @@ def test_build_context_holds_everything_the_image_installs(
             "-w",
             str(tmp_path),
             str(context),
+            str(context / "examples" / "hi"),
         ],
         capture_output=True,
         text=True,
@@ -306,10 +320,16 @@ def test_build_context_holds_everything_the_image_installs(
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (wheel,) = tmp_path.glob("shoal-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-        (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
-        scripts = archive.read(entry_points).decode()
-    assert {"hi/app.py", "shoal/cli.py"} <= names
-    assert "hi = hi.app:main" in scripts and "shoal = shoal.cli:main" in scripts
+    contents = {}
+    for wheel in tmp_path.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as archive:
+            names = set(archive.namelist())
+            (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
+            contents[wheel.name.split("-")[0]] = (names, archive.read(entry_points).decode())
+    assert set(contents) == {"shoal", "shoal_hi"}
+    shoal_names, shoal_scripts = contents["shoal"]
+    hi_names, hi_scripts = contents["shoal_hi"]
+    assert "shoal/cli.py" in shoal_names and not any(n.startswith("hi/") for n in shoal_names)
+    assert "hi/app.py" in hi_names and not any(n.startswith("shoal/") for n in hi_names)
+    assert "shoal = shoal.cli:main" in shoal_scripts and "hi =" not in shoal_scripts
+    assert "hi = hi.app:main" in hi_scripts
