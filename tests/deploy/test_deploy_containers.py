@@ -52,6 +52,9 @@ def test_image_builds_offline_with_the_classic_builder(bases: tuple[str, str]) -
     # Only the venv came across: no wheels, no lock, no sources in the runtime image.
     listing = docker("run", "--rm", "--network", "none", "--entrypoint", "ls", TAG, "/tmp", "/")
     assert "build" not in listing.split() and "src" not in listing.split()
+    # The library's command came with its own wheel (shoal-hi holds only the app).
+    version = docker("run", "--rm", "--network", "none", "--entrypoint", "shoal", TAG, "--version")
+    assert version.strip().startswith("shoal 0.")
 
 
 def test_image_builds_offline_with_buildkit(bases: tuple[str, str]) -> None:
