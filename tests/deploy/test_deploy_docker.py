@@ -162,6 +162,9 @@ def test_compose_refuses_to_run_without_a_cookie() -> None:
     )
     assert result.returncode != 0
     assert "RELEASE_COOKIE" in result.stderr
+    # Every page the message points to exists.
+    pages = re.findall(r"[\w./-]+\.md", result.stderr)
+    assert pages and all((REPO / page).exists() for page in pages), pages
 
 
 @pytest.mark.parametrize("service", ["vegeta", "krillin"])
