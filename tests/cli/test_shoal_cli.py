@@ -231,6 +231,10 @@ def test_lookup_prints_the_addresses_dns_returns() -> None:
         result = shoal("lookup", "hi.service.local", "--dns-server", dns.address_text)
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == ["127.0.11.20", "127.0.11.21", "::1"]
+        # The nameserver may come from the environment instead, as for the nodes.
+        from_env = shoal("lookup", "hi.service.local", env={"SHOAL_DNS_SERVER": dns.address_text})
+        assert from_env.returncode == 0, from_env.stderr
+        assert from_env.stdout.split() == ["127.0.11.20", "127.0.11.21", "::1"]
 
 
 def test_lookup_of_a_missing_name_is_a_clear_error() -> None:
@@ -240,3 +244,15 @@ def test_lookup_of_a_missing_name_is_a_clear_error() -> None:
         assert missing.returncode == 1
         assert "NXDOMAIN" in missing.stderr
         assert "Traceback" not in missing.stderr
+
+
+def test_usage_errors_exit_2_with_the_usage_and_no_traceback() -> None:
+    for args in ([], ["status", "--bogus"], ["ping"], ["frobnicate"]):
+        result = shoal(*args)
+        assert result.returncode == 2, args
+        assert "usage: shoal" in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+    helped = shoal("status", "--help")
+    assert helped.returncode == 0
+    for flag in ("--node", "-n", "--socket", "-s", "--json"):
+        assert flag in helped.stdout
