@@ -17,7 +17,7 @@ from botocore.stub import Stubber
 
 from shoal.config import ConfigError, Peer, Settings
 from shoal.discovery import strategy_for
-from shoal.discovery.cloudmap import CloudMapStrategy
+from shoal.discovery.cloudmap import CloudMapStrategy, make_client
 from tests.discovery.conftest import Rounds
 from tests.support.procs import async_wait_until
 
@@ -127,3 +127,13 @@ def test_missing_region_is_a_clear_config_error(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     with pytest.raises(ConfigError, match="AWS_REGION"):
         CloudMapStrategy(settings())
+
+
+@pytest.mark.parametrize("var", ["AWS_REGION", "AWS_DEFAULT_REGION"])
+def test_either_region_variable_is_enough(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
+    """ECS and the AWS docs set AWS_REGION, which botocore alone does not read."""
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv(var, "eu-west-3")
+    assert make_client().meta.region_name == "eu-west-3"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 from typing import Any
 
 from shoal.config import ConfigError, Peer, Settings
@@ -44,10 +45,13 @@ def make_client() -> Any:
         retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
     )
     try:
-        return boto3.client("servicediscovery", config=config)
+        # botocore reads only AWS_DEFAULT_REGION; ECS and the AWS docs use AWS_REGION.
+        region = os.environ.get("AWS_REGION") or None
+        return boto3.client("servicediscovery", region_name=region, config=config)
     except NoRegionError:
         raise ConfigError(
-            "TOPOLOGY_TYPE=cloudmap needs an AWS region: set AWS_REGION (ECS sets it for you)."
+            "TOPOLOGY_TYPE=cloudmap needs an AWS region: set AWS_REGION or AWS_DEFAULT_REGION "
+            "(ECS sets both for you)."
         ) from None
 
 
