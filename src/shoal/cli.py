@@ -228,9 +228,31 @@ def connect(
     typer.echo(f"connected to {result['node']}")
 
 
+JOB_ACTIONS = ("add", "remove", "pause", "resume", "history")
+
+
 @app.command()
-def jobs(node: NodeOption = None, socket: SocketOption = None, as_json: JsonOption = False) -> None:
-    """List the node's cron jobs: schedule, last run, next run, where it ran."""
+def jobs(
+    action: Annotated[str | None, typer.Argument(help=f"One of {', '.join(JOB_ACTIONS)}.")] = None,
+    args: Annotated[list[str] | None, typer.Argument(help="The action's arguments.")] = None,
+    node: NodeOption = None,
+    socket: SocketOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the node's cron jobs, or change them on every node, or show a job's runs.
+
+    `jobs add NAME SCHEDULE TASK [KEY=VALUE ...]` (max_attempts=3 backoff=2 misfire=run_once
+    ...), `jobs remove NAME`, `jobs pause NAME`, `jobs resume NAME`, `jobs history NAME [N]`.
+    """
+    if action is not None:
+        if action not in JOB_ACTIONS:
+            fail(f"unknown jobs action {action!r}: use one of {', '.join(JOB_ACTIONS)}", 2)
+        done = ask(node, socket, f"jobs-{action}", *(args or []))
+        if as_json or action != "history":
+            print_json(done)
+        else:
+            _print_runs(done)
+        return
     result = ask(node, socket, "jobs")
     if as_json or not isinstance(result, list):
         print_json(result)
@@ -238,6 +260,19 @@ def jobs(node: NodeOption = None, socket: SocketOption = None, as_json: JsonOpti
     if not result:
         typer.echo("no jobs")
     _print_jobs(result)
+
+
+def _print_runs(runs: list[Any]) -> None:
+    """One line per run, newest first."""
+    if not runs:
+        typer.echo("no runs")
+    for run in runs:
+        error = f"  {run.get('error')}" if run.get("error") else ""
+        typer.echo(
+            f"  {run.get('tick')}  {run.get('status')}  attempts {run.get('attempts')}"
+            f"  on {run.get('node')}  started {run.get('started_at')}"
+            f"  {float(run.get('duration') or 0):.3f} s{error}"
+        )
 
 
 @app.command("run-job")
