@@ -62,7 +62,8 @@ class JobDef:
 
     @property
     def defined_in_code(self) -> bool:
-        return self.schedule is None
+        """A pause/resume of a job defined in code (a removal is never one)."""
+        return self.schedule is None and not self.deleted
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -217,6 +218,12 @@ class JobDefs:
         definition that does not fit here must not break the node)."""
         name, scheduler = spec.name, self.scheduler
         try:
+            if spec.deleted:
+                if name in self._added:
+                    self._added.discard(name)
+                    scheduler.delete_job(name)
+                    log.info("run-time job %r removed", name)
+                return
             if spec.defined_in_code:
                 if name in scheduler:
                     if spec.active:
@@ -226,12 +233,6 @@ class JobDefs:
                 return
             if name in scheduler and name not in self._added:
                 log.warning("run-time job %r ignored: a job defined in code has that name", name)
-                return
-            if spec.deleted:
-                if name in self._added:
-                    self._added.discard(name)
-                    scheduler.delete_job(name)
-                    log.info("run-time job %r removed", name)
                 return
             same = (
                 previous is not None
