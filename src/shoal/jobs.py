@@ -115,9 +115,10 @@ class ClusterJobs:
         delay = 0.5
         while not self._loaded.is_set():  # ends when loaded or when the node stops
             try:
+                definitions = 0
                 for wire in await self.store.load_definitions():
                     try:
-                        self.definitions.adopt(JobDef.from_wire(wire))
+                        definitions += self.definitions.adopt(JobDef.from_wire(wire))
                     except ValueError as exc:
                         log.warning("job store: ignoring a stored definition: %s", exc)
                 count = await self._durable.load()
@@ -131,7 +132,7 @@ class ClusterJobs:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            log.info("job store: %d job states loaded", count)
+            log.info("job store: %d job states, %d job definitions loaded", count, definitions)
             self._loaded.set()
 
     async def wait_loaded(self, timeout: float | None = None) -> None:
