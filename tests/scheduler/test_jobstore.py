@@ -10,7 +10,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from shoal.config import Settings
+from shoal.jobdefs import JobDef
 from shoal.jobstore import DurableJobs, PostgresJobStore
+from shoal.node import Node
 from shoal.retries import retrying
 from shoal.scheduler import JobState, RunContext, Scheduler
 from tests.support.postgres import PostgresServer, running_postgres, unavailable_reason
@@ -138,3 +141,43 @@ async def test_a_store_that_cannot_save_prevents_the_run(pg: PostgresServer) -> 
     finally:
         await scheduler.stop(drain_timeout=0.5)
     assert not ran.is_set()
+
+
+async def test_definitions_are_stored_newest_version_first(pg: PostgresServer) -> None:
+    store = PostgresJobStore(pg.dsn)
+    try:
+        newer = JobDef("d", 5, "b@h", schedule="@daily", task="t", options={"max_attempts": 2})
+        await store.save_definition("d", 5, "b@h", newer.to_wire())
+        older = JobDef("d", 4, "c@h", schedule="@hourly", task="t")
+        await store.save_definition("d", 4, "c@h", older.to_wire())  # heard late: ignored
+        tie = JobDef("d", 5, "a@h", deleted=True)  # same version, lower origin: ignored
+        await store.save_definition("d", 5, "a@h", tie.to_wire())
+        (stored,) = [JobDef.from_wire(w) for w in await store.load_definitions()]
+        assert stored == newer
+    finally:
+        await store.close()
+
+
+async def test_a_node_that_cannot_load_the_store_serves_but_does_not_lead_jobs() -> None:
+    """Without the stored state a node could repeat a tick: it starts, holds the scheduler
+    singleton, keeps retrying the store, and runs no cluster job meanwhile."""
+    settings = Settings(
+        cookie="test-cookie-jobstore-a7b6c5d4e3f21098",
+        host="127.0.67.2",  # this module's own loopback alias
+        port=4370,
+        topology="static",
+        lease_dsn="postgresql://nobody@127.0.0.1:1/none",  # nothing listens
+    )
+    node = Node(settings)
+    ran: list[datetime] = []
+    node.scheduler.add_job("* * * * * *", lambda ctx: ran.append(ctx.tick), name="tick")
+    await node.start()
+    try:
+        await node.wait_ready(5)
+        await async_wait_until(lambda: node.jobs.leader == node.name, 5.0)
+        with pytest.raises(TimeoutError):
+            await node.jobs.wait_loaded(2.5)
+        assert ran == [] and not node.scheduler.leading  # holds the singleton, ticks nothing
+        assert [row["name"] for row in node.status()["jobs"]] == ["tick"]
+    finally:
+        await node.stop()
