@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shoal.config import Settings
+from shoal.config import ConfigError, Settings
 from shoal.jobdefs import JobDef
 from shoal.jobstore import DurableJobs, PostgresJobStore
 from shoal.node import Node
@@ -181,3 +181,15 @@ async def test_a_node_that_cannot_load_the_store_serves_but_does_not_lead_jobs()
         assert [row["name"] for row in node.status()["jobs"]] == ["tick"]
     finally:
         await node.stop()
+
+
+def test_the_job_store_has_one_setting_and_its_old_name_is_an_alias() -> None:
+    base = {"RELEASE_COOKIE": "test-cookie-jobstore-a7b6c5d4e3f21098", "NODE_HOST": "127.0.0.1"}
+    dsn = "postgresql://shoal@db.internal/shoal"
+    assert Settings.from_env({**base, "SHOAL_LEASE_DSN": dsn}).lease_dsn == dsn
+    assert Settings.from_env({**base, "SHOAL_JOB_STORE_DSN": dsn}).lease_dsn == dsn
+    both = {**base, "SHOAL_LEASE_DSN": dsn, "SHOAL_JOB_STORE_DSN": dsn}
+    assert Settings.from_env(both).lease_dsn == dsn
+    with pytest.raises(ConfigError, match="alias"):
+        Settings.from_env({**both, "SHOAL_JOB_STORE_DSN": dsn + "2"})
+    assert Settings.from_env(base).lease_dsn is None
