@@ -95,10 +95,15 @@ def test_a_full_cluster_restart_keeps_the_last_tick_the_history_and_runtime_jobs
 
         second = [HiNode.start(procs, h, env=env) for h in hosts]
         wait_until(lambda: len(runs(second)) >= 2, 15.0, message="runs after the restart")
+
+        def loaded(node: HiNode) -> bool:  # each node loads the hi job's state
+            return any(
+                json.loads(line)["message"].startswith("job store: 1 job states")
+                for line in node.proc.output().splitlines()
+            )
+
+        wait_until(lambda: all(loaded(n) for n in second), 10.0, message="states loaded")
         outputs = "".join(n.proc.output() for n in second)
-        messages = [json.loads(line)["message"] for line in outputs.splitlines()]
-        loaded = [m for m in messages if m.startswith("job store: 1 job states")]
-        assert len(loaded) == 2, outputs  # each node loaded the hi job's state
         missed = MISSED.search(outputs)
         assert missed is not None, outputs  # the new leader knew the old last tick...
         assert datetime.fromisoformat(missed[1]) == last + timedelta(seconds=1)
