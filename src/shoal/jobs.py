@@ -144,6 +144,7 @@ class ClusterJobs:
         if self._loader is not None:
             self._loader.cancel()
             await asyncio.gather(self._loader, return_exceptions=True)
+            self._loader = None
         if self._durable is not None:
             await self._durable.flush()
         if self.store is not None:
