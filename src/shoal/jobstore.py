@@ -217,7 +217,8 @@ class DurableJobs:
             scheduler.on_job_stop = stopped
 
     async def load(self) -> int:
-        """Adopt the stored states of the jobs defined here; how many were adopted.
+        """Adopt the stored states (and, with a history, the recent runs) of the jobs
+        defined here; how many states were adopted.
 
         A run marked in flight in the store cannot still be running after a restart of
         the whole cluster, so that marker is dropped; live peers' newer states still win
@@ -230,8 +231,9 @@ class DurableJobs:
             state.running_since = state.running_tick = state.running_on = None
             self.scheduler.update_state(name, state)
             count += 1
-            if self.history is not None:
-                for record in await self.store.history(name, self.history.limit):
+        if self.history is not None:  # every job's recent runs, on any node
+            for job in self.scheduler.list_jobs():
+                for record in await self.store.history(job.name, self.history.limit):
                     self.history.add(record)
         return count
 

@@ -103,3 +103,13 @@ def test_command_line_options_are_typed() -> None:
     for bad in (["max_attempts"], ["color=red"], ["overlap=maybe"], ["max_attempts=x"]):
         with pytest.raises(ValueError):
             parse_options(bad)
+
+
+def test_a_peers_definition_that_does_not_fit_here_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    defs = registry()
+    assert defs.adopt(JobDef("x", 1, "b", schedule="not cron", task="t"))
+    assert defs.adopt(JobDef("y", 1, "b", schedule="@daily", task="t", options={"tz": "Mars/X"}))
+    assert "x" not in defs.scheduler and "y" not in defs.scheduler
+    assert "run-time job 'x' not applied here" in caplog.text
