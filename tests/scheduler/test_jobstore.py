@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from shoal.config import ConfigError, Settings
+from shoal.history import RunHistory
 from shoal.jobdefs import JobDef
 from shoal.jobstore import DurableJobs, PostgresJobStore
 from shoal.node import Node
@@ -193,3 +194,31 @@ def test_the_job_store_has_one_setting_and_its_old_name_is_an_alias() -> None:
     with pytest.raises(ConfigError, match="alias"):
         Settings.from_env({**both, "SHOAL_JOB_STORE_DSN": dsn + "2"})
     assert Settings.from_env(base).lease_dsn is None
+
+
+async def test_a_new_node_loads_the_recent_runs_of_every_job(pg: PostgresServer) -> None:
+    """Runs of a job that keeps no shared state (run_strategy="local") come back too."""
+
+    def node(name: str) -> tuple[Scheduler, RunHistory, DurableJobs, PostgresJobStore]:
+        scheduler = Scheduler(node=name, leading=True)
+        scheduler.add_job("@daily", lambda: None, name="here", run_strategy="local")
+        history = RunHistory(scheduler)
+        store = PostgresJobStore(pg.dsn)
+        return scheduler, history, DurableJobs(scheduler, store, history, True), store
+
+    a, _, durable_a, store_a = node("a@h")
+    await a.start()
+    try:
+        ran = [await a.run_now("here") for _ in range(2)]
+    finally:
+        await a.stop(drain_timeout=0.5)
+        await durable_a.flush()
+        await store_a.close()
+    _, history_b, durable_b, store_b = node("b@h")
+    try:
+        assert await durable_b.load() == 0  # no state: a local job's is not stored
+        runs = history_b.runs("here")
+        assert [r.started_at for r in runs] == [r.started_at for r in reversed(ran)]
+        assert {r.node for r in runs} == {"a@h"}
+    finally:
+        await store_b.close()
