@@ -178,8 +178,20 @@ def connect(args: argparse.Namespace) -> None:
     echo(f"connected to {result['node']}")
 
 
+JOB_ACTIONS = ("add", "remove", "pause", "resume", "history")
+
+
 def jobs(args: argparse.Namespace) -> None:
-    """List the node's cron jobs: schedule, last run, next run, where it ran."""
+    """List the node's cron jobs, or change them on every node, or show a job's runs."""
+    if args.action is not None:
+        if args.action not in JOB_ACTIONS:
+            fail(f"unknown jobs action {args.action!r}: use one of {', '.join(JOB_ACTIONS)}", 2)
+        done = ask(args.node, args.socket, f"jobs-{args.action}", *args.args)
+        if args.json or args.action != "history":
+            print_json(done)
+        else:
+            _print_runs(done)
+        return
     result = ask(args.node, args.socket, "jobs")
     if args.json or not isinstance(result, list):
         print_json(result)
@@ -187,6 +199,19 @@ def jobs(args: argparse.Namespace) -> None:
     if not result:
         echo("no jobs")
     _print_jobs(result)
+
+
+def _print_runs(runs: list[Any]) -> None:
+    """One line per run, newest first."""
+    if not runs:
+        echo("no runs")
+    for run in runs:
+        error = f"  {run.get('error')}" if run.get("error") else ""
+        echo(
+            f"  {run.get('tick')}  {run.get('status')}  attempts {run.get('attempts')}"
+            f"  on {run.get('node')}  started {run.get('started_at')}"
+            f"  {float(run.get('duration') or 0):.3f} s{error}"
+        )
 
 
 def run_job(args: argparse.Namespace) -> None:
@@ -320,7 +345,17 @@ def parser() -> argparse.ArgumentParser:
     command("connect", connect).add_argument(
         "target", metavar="NODE", help="name@host, host or host:port of the peer."
     )
-    command("jobs", jobs).add_argument("--json", action="store_true", help=json_help)
+    listing = command("jobs", jobs)
+    listing.add_argument(
+        "action",
+        nargs="?",
+        metavar="ACTION",
+        help=f"one of {', '.join(JOB_ACTIONS)}; none lists the jobs. "
+        "`jobs add NAME SCHEDULE TASK [KEY=VALUE ...]` (max_attempts=3 backoff=2 "
+        "misfire=run_once ...), `jobs remove|pause|resume NAME`, `jobs history NAME [N]`",
+    )
+    listing.add_argument("args", nargs="*", metavar="ARG", help="the action's arguments")
+    listing.add_argument("--json", action="store_true", help=json_help)
     command("run-job", run_job).add_argument(
         "name", metavar="NAME", help="Name of the job, as `shoal jobs` lists it."
     )

@@ -238,7 +238,7 @@ class Settings:
             tls=tls,
             singleton_mode=(env.get("SHOAL_SINGLETON_MODE") or "mesh").strip().lower(),
             expected_nodes=_parse_int("SHOAL_EXPECTED_NODES", expected) if expected else None,
-            lease_dsn=env.get("SHOAL_LEASE_DSN") or None,
+            lease_dsn=_lease_dsn(env),
             lease_ttl=_ms(env, "SHOAL_LEASE_TTL_MS", 5000),
             control_socket=env.get("SHOAL_CONTROL_SOCKET") or None,
             allow_weak_cookie=_flag(env, "SHOAL_ALLOW_WEAK_COOKIE"),
@@ -418,6 +418,17 @@ def _check_multicast(var: str, text: str) -> None:
         raise ConfigError(f"{var}={text!r} is not an IP address.") from None
     if not address.is_multicast:
         raise ConfigError(f"{var}={text}: expected a multicast group (224.0.0.0/4 or ff00::/8).")
+
+
+def _lease_dsn(env: Mapping[str, str]) -> str | None:
+    """SHOAL_LEASE_DSN: the Postgres of lease mode and of the job store (one setting);
+    SHOAL_JOB_STORE_DSN, its earlier name in `hi`, is read as an alias."""
+    lease, alias = env.get("SHOAL_LEASE_DSN") or None, env.get("SHOAL_JOB_STORE_DSN") or None
+    if lease and alias and lease != alias:
+        raise ConfigError(
+            "SHOAL_JOB_STORE_DSN is an alias of SHOAL_LEASE_DSN and differs from it: set one."
+        )
+    return lease or alias
 
 
 def _check_dsn(var: str, dsn: str) -> None:

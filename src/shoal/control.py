@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from shoal.jobdefs import parse_options
 from shoal.scheduler import SchedulerError
 
 if TYPE_CHECKING:
@@ -357,7 +358,7 @@ async def _connect(node: Node, args: list[str]) -> Any:
 
 @command("jobs", "cron jobs: schedule, last run, next run, where it ran")
 def _jobs(node: Node, args: list[str]) -> Any:
-    return node.scheduler.jobs_snapshot()
+    return node.jobs.snapshot()
 
 
 @command("run-job", "run-job NAME: run a job now (cluster jobs run on the current leader)")
@@ -365,6 +366,57 @@ async def _run_job(node: Node, args: list[str]) -> Any:
     name = _one_arg("run-job", args, what="job name")
     try:
         return await node.jobs.run_now(name)
+    except SchedulerError as exc:
+        raise CommandError(str(exc)) from None
+
+
+@command(
+    "jobs-add",
+    "jobs-add NAME SCHEDULE TASK [KEY=VALUE ...]: define a job on every node "
+    "(options: tz, overlap, timeout, misfire, run_strategy, day_match, max_attempts, backoff)",
+)
+async def _jobs_add(node: Node, args: list[str]) -> Any:
+    if len(args) < 3:
+        raise CommandError("jobs-add takes NAME SCHEDULE TASK [KEY=VALUE ...]")
+    name, schedule, task, *pairs = args
+    try:
+        options = parse_options(pairs)
+        return (await node.jobs.add(name, schedule, task, **options)).to_wire()
+    except (SchedulerError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+
+
+async def _jobs_change(node: Node, verb: str, args: list[str]) -> Any:
+    name = _one_arg(f"jobs-{verb}", args, what="job name")
+    change = {"remove": node.jobs.remove, "pause": node.jobs.pause, "resume": node.jobs.resume}
+    try:
+        return (await change[verb](name)).to_wire()
+    except SchedulerError as exc:
+        raise CommandError(str(exc)) from None
+
+
+@command("jobs-remove", "jobs-remove NAME: remove a run-time job from every node")
+async def _jobs_remove(node: Node, args: list[str]) -> Any:
+    return await _jobs_change(node, "remove", args)
+
+
+@command("jobs-pause", "jobs-pause NAME: stop a job ticking on every node")
+async def _jobs_pause(node: Node, args: list[str]) -> Any:
+    return await _jobs_change(node, "pause", args)
+
+
+@command("jobs-resume", "jobs-resume NAME: let a paused job tick again on every node")
+async def _jobs_resume(node: Node, args: list[str]) -> Any:
+    return await _jobs_change(node, "resume", args)
+
+
+@command("jobs-history", "jobs-history NAME [LIMIT]: the job's last runs on any node, newest first")
+def _jobs_history(node: Node, args: list[str]) -> Any:
+    if not 1 <= len(args) <= 2 or (len(args) == 2 and not args[1].isdigit()):
+        raise CommandError("jobs-history takes NAME [LIMIT]")
+    limit = int(args[1]) if len(args) == 2 else 50
+    try:
+        return [run.to_wire() for run in node.jobs.runs(args[0], limit)]
     except SchedulerError as exc:
         raise CommandError(str(exc)) from None
 

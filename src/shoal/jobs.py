@@ -15,6 +15,12 @@
 - In `mesh` mode a leader whose event loop stalled (paused, blocked) first
   waits for a fresh view (`Singletons.revalidate`), then skips a tick that a
   peer reports as started.
+- Jobs added, removed, paused or resumed at run time (`add`, `remove`, `pause`,
+  `resume`) reach every node as versioned definitions (shoal.jobdefs); every run
+  a node executes is sent to its peers, so each keeps the cluster's recent
+  history (shoal.history).
+- With `SHOAL_LEASE_DSN` set, all of that is also kept in Postgres (shoal.jobstore):
+  a node loads it before it may lead, so it survives a restart of the whole cluster.
 """
 
 from __future__ import annotations
@@ -23,10 +29,22 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from shoal.scheduler import Job, JobState, RunResult, Scheduler
+from shoal.history import RunHistory, RunRecord
+from shoal.jobdefs import JobDef, JobDefs, check_options
+from shoal.jobstore import DurableJobs, PostgresJobStore
+from shoal.scheduler import (
+    InvalidJob,
+    Job,
+    JobExists,
+    JobNotFound,
+    JobState,
+    RunResult,
+    Scheduler,
+)
 from shoal.singleton import SingletonContext
 
 if TYPE_CHECKING:
@@ -37,6 +55,13 @@ log = logging.getLogger("shoal.jobs")
 LEADER_SINGLETON = "shoal.scheduler"
 STATE_HANDLER = "shoal.jobs.state"
 RUN_HANDLER = "shoal.jobs.run"
+DEFS_HANDLER = "shoal.jobs.defs"
+RECORDS_HANDLER = "shoal.jobs.runs"
+
+HISTORY_LIMIT = 50  # runs kept per job (in memory on every node; the store keeps more)
+SNAPSHOT_RUNS = 10  # runs per job in `/cluster`
+BATCH = 100  # definitions or run records per message
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ClusterJobs:
@@ -49,19 +74,89 @@ class ClusterJobs:
         self._peer_ticks: dict[str, datetime] = {}  # job -> newest tick a peer started
         scheduler.dispatcher = self
         scheduler.state_changed = self._state_changed
+        self.history = RunHistory(scheduler, limit=HISTORY_LIMIT)
+        self.history.on_record = self._share_record
+        self.definitions = JobDefs(scheduler, node.name)
+        dsn = node.settings.lease_dsn
+        self.store = PostgresJobStore(dsn) if dsn else None
+        # Saves a cluster job's state before replicating it (wraps state_changed).
+        self._durable = (
+            DurableJobs(scheduler, self.store, self.history, cluster_only=True)
+            if self.store is not None
+            else None
+        )
+        self._loaded = asyncio.Event()
+        if self.store is None:
+            self._loaded.set()
+        self._loader: asyncio.Task[None] | None = None
         node.register(STATE_HANDLER, self._on_state)
         node.register(RUN_HANDLER, self._on_run_request)
+        node.register(DEFS_HANDLER, self._on_definitions)
+        node.register(RECORDS_HANDLER, self._on_records)
+        node.on_stop(self._close)
         node.add_singleton(LEADER_SINGLETON, self._lead_scheduler)
         node.add_listener(
             lambda event: self._send_states(event.node) if event.kind == "up" else None
         )
 
+    # start, stop, the store -------------------------------------------------
+    async def start(self) -> None:
+        """Start the scheduler; with a store, load what it keeps (retried in the background)."""
+        await self.scheduler.start()
+        if self.store is not None and self._loader is None:
+            self._loader = asyncio.get_running_loop().create_task(
+                self._load(), name="shoal.jobs.load"
+            )
+
+    async def _load(self) -> None:
+        """Definitions, states and history from the store; retried until it answers (the
+        node may serve meanwhile, but does not lead cluster jobs: it could repeat a tick)."""
+        assert self.store is not None and self._durable is not None
+        delay = 0.5
+        while not self._loaded.is_set():  # ends when loaded or when the node stops
+            try:
+                definitions = 0
+                for wire in await self.store.load_definitions():
+                    try:
+                        definitions += self.definitions.adopt(JobDef.from_wire(wire))
+                    except ValueError as exc:
+                        log.warning("job store: ignoring a stored definition: %s", exc)
+                count = await self._durable.load()
+            except Exception as exc:
+                log.warning(
+                    "job store: cannot load the jobs' states (%s); retrying in %.1f s; "
+                    "this node does not lead cluster jobs until it has",
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            log.info("job store: %d job states, %d job definitions loaded", count, definitions)
+            self._loaded.set()
+
+    async def wait_loaded(self, timeout: float | None = None) -> None:
+        """Return once the store's content is loaded (at once without a store)."""
+        async with asyncio.timeout(timeout):
+            await self._loaded.wait()
+
+    async def _close(self) -> None:
+        if self._loader is not None:
+            self._loader.cancel()
+            await asyncio.gather(self._loader, return_exceptions=True)
+            self._loader = None
+        if self._durable is not None:
+            await self._durable.flush()
+        if self.store is not None:
+            await self.store.close()
+
     # leadership --------------------------------------------------------------
     async def _lead_scheduler(self, ctx: SingletonContext) -> None:
         """Runs while this node holds the scheduler singleton."""
         self._lead = ctx
-        self.scheduler.start_leading(self._takeover_states())
         try:
+            await self._loaded.wait()  # a node without the stored state must not lead
+            self.scheduler.start_leading(self._takeover_states())
             await asyncio.Event().wait()
         finally:
             self._lead = None
@@ -174,10 +269,18 @@ class ClusterJobs:
         self.node.messaging.send_to_peers(STATE_HANDLER, {name: state.to_wire()})
 
     def _send_states(self, peer: str) -> None:
-        """A node that just joined learns every job's state (it may lead next)."""
+        """A node that just joined learns every job's state (it may lead next), the run-time
+        definitions and the recent history."""
         payload = {name: state.to_wire() for name, state in self.scheduler.states().items()}
         if payload:
             self.node.messaging.send_to_peers(STATE_HANDLER, payload, [peer])
+        send = self.node.messaging.send_to_peers
+        definitions = [d.to_wire() for d in self.definitions.all()]
+        for i in range(0, len(definitions), BATCH):
+            send(DEFS_HANDLER, definitions[i : i + BATCH], [peer])
+        records = [r.to_wire() for job in self.history.jobs() for r in self.history.runs(job)]
+        for i in range(0, len(records), BATCH):
+            send(RECORDS_HANDLER, records[i : i + BATCH], [peer])
 
     def _on_state(self, payload: Any, sender: str) -> None:
         if not isinstance(payload, dict):
@@ -199,3 +302,122 @@ class ClusterJobs:
                 if seen is None or state.last_tick > seen:
                     self._peer_ticks[name] = state.last_tick
             self.scheduler.update_state(name, state)
+
+    # run-time jobs ---------------------------------------------------------------
+    def task(self, name: str | None = None) -> Callable[[F], F]:
+        """Decorator: make a function what run-time jobs naming task ``name`` run. Register
+        it on every node (code travels with the image, never over the wire)."""
+
+        def register(fn: F) -> F:
+            self.definitions.task(name or fn.__name__, fn)
+            return fn
+
+        return register
+
+    async def add(
+        self, name: str, schedule: str, task: str, *, active: bool = True, **options: Any
+    ) -> JobDef:
+        """Define job ``name`` on every node: ``schedule`` runs task ``task`` with the job
+        ``options`` of ``Scheduler.add_job`` (tz, overlap, timeout, misfire, run_strategy,
+        day_match, max_attempts, backoff). Kept in the store when there is one."""
+        if name in self.scheduler:
+            raise JobExists(name)
+        fn = self.definitions.tasks.get(task)
+        if fn is None:
+            raise InvalidJob(f"no task named {task!r} on this node (see node.jobs.task)")
+        try:
+            options = check_options(options)
+            _validate(schedule, fn, name, options, self.scheduler)
+            spec = self.definitions.next(
+                name, schedule=schedule, task=task, options=options, active=active
+            )
+        except InvalidJob:
+            raise
+        except (ValueError, TypeError) as exc:  # CronError is a ValueError
+            raise InvalidJob(f"job {name!r}: {exc}") from None
+        return await self._publish(spec)
+
+    async def remove(self, name: str) -> JobDef:
+        """Remove run-time job ``name`` from every node (a job defined in code: pause it)."""
+        current = self.definitions.get(name)
+        if current is None or current.deleted:
+            if name in self.scheduler:
+                raise InvalidJob(f"job {name!r} is defined in code; pause it instead")
+            raise JobNotFound(name)
+        if current.defined_in_code:
+            raise InvalidJob(f"job {name!r} is defined in code; pause it instead")
+        return await self._publish(self.definitions.next(name, deleted=True))
+
+    async def pause(self, name: str) -> JobDef:
+        """Stop job ``name`` ticking on every node (a run in flight finishes)."""
+        return await self._publish(self._switch(name, active=False))
+
+    async def resume(self, name: str) -> JobDef:
+        """Let job ``name`` tick again on every node, from now on."""
+        return await self._publish(self._switch(name, active=True))
+
+    def _switch(self, name: str, active: bool) -> JobDef:
+        current = self.definitions.get(name)
+        if current is not None and not current.deleted and not current.defined_in_code:
+            return self.definitions.next(name, active=active)
+        if name not in self.scheduler:
+            raise JobNotFound(name)
+        return self.definitions.next(name, active=active, schedule=None, task=None, options={})
+
+    async def _publish(self, spec: JobDef) -> JobDef:
+        """Store (if configured), apply here, tell every peer. A change the store refuses
+        is not made anywhere."""
+        if self.store is not None:
+            await self.store.save_definition(spec.name, spec.version, spec.origin, spec.to_wire())
+        self.definitions.adopt(spec)
+        self.node.messaging.send_to_peers(DEFS_HANDLER, [spec.to_wire()])
+        return spec
+
+    def _on_definitions(self, payload: Any, sender: str) -> None:
+        if not isinstance(payload, list):
+            return
+        for data in payload[:BATCH]:
+            try:
+                self.definitions.adopt(JobDef.from_wire(data))
+            except ValueError as exc:
+                log.warning("ignoring a job definition from %s: %s", sender, exc)
+
+    # history -----------------------------------------------------------------------
+    def runs(self, name: str, limit: int = HISTORY_LIMIT) -> list[RunRecord]:
+        """The last ``limit`` runs of job ``name`` on any node, newest first."""
+        if name not in self.scheduler and not self.history.runs(name, 1):
+            raise JobNotFound(name)
+        return self.history.runs(name, limit)
+
+    def _share_record(self, record: RunRecord) -> None:
+        self.node.messaging.send_to_peers(RECORDS_HANDLER, [record.to_wire()])
+
+    def _on_records(self, payload: Any, sender: str) -> None:
+        if not isinstance(payload, list):
+            return
+        for data in payload[:BATCH]:
+            try:
+                record = RunRecord.from_wire(data)
+            except ValueError as exc:
+                log.warning("ignoring a run record from %s: %s", sender, exc)
+                continue
+            if record.job in self.scheduler or self.definitions.get(record.job) is not None:
+                self.history.add(record)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The scheduler's rows for `/cluster`, with each job's recent runs and origin."""
+        rows = self.scheduler.jobs_snapshot()
+        for row in rows:
+            spec = self.definitions.get(row["name"])
+            runtime = spec is not None and not spec.defined_in_code and not spec.deleted
+            row["defined"] = "runtime" if runtime else "code"
+            row["task"] = spec.task if runtime and spec is not None else None
+            row["history"] = [r.to_wire() for r in self.history.runs(row["name"], SNAPSHOT_RUNS)]
+        return rows
+
+
+def _validate(
+    schedule: str, fn: Callable[..., Any], name: str, options: dict[str, Any], like: Scheduler
+) -> None:
+    """Raises what ``add_job`` would, without touching the real scheduler."""
+    Scheduler(tz=like.tz, node=like.node).add_job(schedule, fn, name=name, **options)

@@ -1,22 +1,23 @@
-"""A durable job store in Postgres: job states and run history that outlive the cluster.
+"""A durable job store in Postgres: job states, run history and run-time job definitions
+that outlive the cluster.
 
 Without a store, job state lives in the nodes' memory and is replicated among them, so a
-restart of the *whole* cluster forgets the last tick. With one, a node loads every job's
-last state when it starts, and saves each state change before the run it announces: after
-a full-cluster restart the misfire policy then applies to the ticks missed while
-everything was down (``run_once`` runs the newest once, ``skip`` skips them).
+restart of the *whole* cluster forgets the last tick. With one (a node uses it when
+``SHOAL_LEASE_DSN`` is set; see ``ClusterJobs``), a node loads every job's last state, the
+recent run history and the jobs defined at run time before it leads, and saves each state
+change of a cluster job before the run it announces: after a full-cluster restart the
+misfire policy then applies to the ticks missed while everything was down (``run_once``
+runs the newest once, ``skip`` skips them).
+
+A standalone scheduler uses it directly:
 
     store = PostgresJobStore(dsn)
-    durable = DurableJobs(node.scheduler, store)
-    await durable.load()        # before the node leads (e.g. right after node.start())
+    durable = DurableJobs(scheduler, store)
+    await durable.load()        # before the scheduler leads
 
 Saving a state is part of announcing a run, as replication is: if the database cannot
 take it, the run does not happen (a tick that might be forgotten is not run). Run history
 is written in the background and never holds a run up.
-
-Status: the store, loading, saving and history are here, tested against a real Postgres;
-``hi`` wires it with ``SHOAL_JOB_STORE_DSN``. A ``Node`` setting, run-time job definitions
-and the history's API/CLI/dashboard views are not built yet (issue 10).
 """
 
 from __future__ import annotations
@@ -24,18 +25,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import datetime
 from typing import Any
 
-from shoal import retries
-from shoal.history import RunRecord
+from shoal.history import RunHistory, RunRecord
+from shoal.pg import QUERY_TIMEOUT, LazyPool
 from shoal.scheduler import Job, JobState, RunResult, Scheduler, StateCallback
 
 __all__ = ["DurableJobs", "PostgresJobStore"]
 
 log = logging.getLogger("shoal.jobstore")
 
-QUERY_TIMEOUT = 2.0
 MAX_PENDING_WRITES = 100  # history rows being written; beyond this, rows are dropped (logged)
 
 SCHEMA = """
@@ -57,6 +56,12 @@ CREATE TABLE IF NOT EXISTS shoal_job_runs (
     attempts integer NOT NULL
 );
 CREATE INDEX IF NOT EXISTS shoal_job_runs_by_job ON shoal_job_runs (job, started_at DESC);
+CREATE TABLE IF NOT EXISTS shoal_job_defs (
+    job text PRIMARY KEY,
+    version bigint NOT NULL,
+    origin text NOT NULL,
+    definition jsonb NOT NULL
+);
 """
 
 # A state never replaces one with a later last_tick: last_tick never moves backwards.
@@ -82,31 +87,38 @@ FROM shoal_job_runs WHERE job = $1 ORDER BY started_at DESC, id DESC LIMIT $2
 """
 
 
+# A definition replaces the stored one only if it is newer (version, then origin).
+SAVE_DEF = """
+INSERT INTO shoal_job_defs AS d (job, version, origin, definition)
+VALUES ($1, $2, $3, $4::jsonb)
+ON CONFLICT (job) DO UPDATE
+    SET version = EXCLUDED.version, origin = EXCLUDED.origin, definition = EXCLUDED.definition
+    WHERE (EXCLUDED.version, EXCLUDED.origin) > (d.version, d.origin)
+"""
+
+LOAD_DEFS = "SELECT definition::text FROM shoal_job_defs"
+
+# Rows beyond the newest few hundred per job are deleted now and then (see record_run).
+PRUNE_RUNS = """
+DELETE FROM shoal_job_runs WHERE job = $1 AND id < (
+    SELECT min(id) FROM (
+        SELECT id FROM shoal_job_runs WHERE job = $1 ORDER BY id DESC LIMIT $2
+    ) AS newest
+)
+"""
+KEEP_RUNS = 500  # rows kept per job in shoal_job_runs
+PRUNE_EVERY = 100  # runs recorded between two prunes of one job
+
+
 class PostgresJobStore:
     """Job states and run history in Postgres (asyncpg; the ``shoal[lease]`` extra)."""
 
     def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
-        self._pool: Any = None
+        self._pool = LazyPool(dsn, SCHEMA, "the job store")
+        self._recorded: dict[str, int] = {}  # job -> runs recorded since its last prune
 
     async def _connected(self) -> Any:
-        if self._pool is None:
-            try:
-                import asyncpg
-            except ImportError:
-                raise RuntimeError(
-                    "the job store needs asyncpg: pip install 'shoal[lease]'"
-                ) from None
-            pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=4, timeout=QUERY_TIMEOUT
-            )
-            try:
-                await _create_schema(pool)
-            except BaseException:
-                await pool.close()
-                raise
-            self._pool = pool
-        return self._pool
+        return await self._pool.get()
 
     async def load_states(self) -> dict[str, JobState]:
         """Every stored job state, by job name (malformed rows are skipped, logged)."""
@@ -137,44 +149,76 @@ class PostgresJobStore:
             run.attempts,
             timeout=QUERY_TIMEOUT,
         )
+        count = self._recorded.get(run.job, 0) + 1
+        self._recorded[run.job] = count % PRUNE_EVERY
+        if count >= PRUNE_EVERY:
+            await (await self._connected()).execute(
+                PRUNE_RUNS, run.job, KEEP_RUNS, timeout=QUERY_TIMEOUT
+            )
 
     async def history(self, job: str, limit: int = 50) -> list[RunRecord]:
         """The job's last ``limit`` runs on any node, newest first."""
         rows = await (await self._connected()).fetch(HISTORY, job, limit, timeout=QUERY_TIMEOUT)
         return [RunRecord(*row) for row in rows]
 
+    async def load_definitions(self) -> list[dict[str, Any]]:
+        """Every stored run-time job definition, as its wire dict (see shoal.jobdefs)."""
+        rows = await (await self._connected()).fetch(LOAD_DEFS, timeout=QUERY_TIMEOUT)
+        return [json.loads(text) for (text,) in rows]
+
+    async def save_definition(self, job: str, version: int, origin: str, wire: Any) -> None:
+        await (await self._connected()).execute(
+            SAVE_DEF, job, version, origin, json.dumps(wire), timeout=QUERY_TIMEOUT
+        )
+
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        await self._pool.close()
 
 
 class DurableJobs:
-    """Connects a Scheduler to a job store through its hooks (no change to the engine)."""
+    """Connects a Scheduler to a job store through its hooks (no change to the engine).
 
-    def __init__(self, scheduler: Scheduler, store: PostgresJobStore) -> None:
+    States are saved before the replication callback set before (``state_changed``)
+    runs; run records come from ``history`` (a RunHistory: runs executed here) or, without
+    one, from the scheduler's stop hook.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        store: PostgresJobStore,
+        history: RunHistory | None = None,
+        cluster_only: bool = False,
+    ) -> None:
         self.scheduler = scheduler
         self.store = store
+        self.history = history
+        self.cluster_only = cluster_only  # save only cluster jobs' states (a Node's choice)
         self._pending: set[asyncio.Task[None]] = set()
         self._replicate: StateCallback | None = scheduler.state_changed
         scheduler.state_changed = self._state_changed
-        previous_start, previous_stop = scheduler.on_job_start, scheduler.on_job_stop
+        if history is not None:
+            previous = history.on_record
 
-        def started(job: Job, tick: datetime) -> None:
-            retries.start_run()
-            if previous_start is not None:
-                previous_start(job, tick)
+            def recorded(record: RunRecord) -> None:
+                self._record(record)
+                if previous is not None:
+                    previous(record)
 
-        def stopped(job: Job, result: RunResult) -> None:
-            self._record(job, result)
-            if previous_stop is not None:
-                previous_stop(job, result)
+            history.on_record = recorded
+        else:
+            previous_stop = scheduler.on_job_stop
 
-        scheduler.on_job_start = started
-        scheduler.on_job_stop = stopped
+            def stopped(job: Job, result: RunResult) -> None:
+                self._record(RunRecord.of(result))
+                if previous_stop is not None:
+                    previous_stop(job, result)
+
+            scheduler.on_job_stop = stopped
 
     async def load(self) -> int:
-        """Adopt the stored states of the jobs defined here; how many were adopted.
+        """Adopt the stored states (and, with a history, the recent runs) of the jobs
+        defined here; how many states were adopted.
 
         A run marked in flight in the store cannot still be running after a restart of
         the whole cluster, so that marker is dropped; live peers' newer states still win
@@ -187,29 +231,24 @@ class DurableJobs:
             state.running_since = state.running_tick = state.running_on = None
             self.scheduler.update_state(name, state)
             count += 1
+        if self.history is not None:  # every job's recent runs, on any node
+            for job in self.scheduler.list_jobs():
+                for record in await self.store.history(job.name, self.history.limit):
+                    self.history.add(record)
         return count
 
     async def _state_changed(self, job: Job, state: JobState) -> None:
-        await self.store.save_state(job.name, state)
+        if job.is_cluster or not self.cluster_only:
+            await self.store.save_state(job.name, state)
         if self._replicate is not None:
             outcome = self._replicate(job, state)
             if outcome is not None:
                 await outcome
 
-    def _record(self, job: Job, result: RunResult) -> None:
+    def _record(self, run: RunRecord) -> None:
         if len(self._pending) >= MAX_PENDING_WRITES:
-            log.warning("job store is slow: run of %r at %s not recorded", job.name, result.tick)
+            log.warning("job store is slow: run of %r at %s not recorded", run.job, run.tick)
             return
-        run = RunRecord(
-            job=result.job,
-            tick=result.tick,
-            node=result.node,
-            started_at=result.started_at,
-            duration=result.duration,
-            status=result.status,
-            error=result.error,
-            attempts=max(1, retries.attempts()),
-        )
         task = asyncio.get_running_loop().create_task(self._write(run))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -224,14 +263,3 @@ class DurableJobs:
         """Wait for the history rows being written."""
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
-
-
-async def _create_schema(pool: Any) -> None:
-    import asyncpg
-
-    for _ in range(3):  # concurrent CREATE IF NOT EXISTS can race on the catalog
-        try:
-            await pool.execute(SCHEMA, timeout=QUERY_TIMEOUT)
-            return
-        except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
-            continue

@@ -5,8 +5,7 @@ Every takeover increments the token; a holder renews only its own token, so a
 paused holder that wakes up after a takeover can no longer renew, and
 `claim_tick` refuses work stamped with a stale token.
 
-asyncpg was chosen over psycopg 3: it is asyncio-native, ships wheels that need
-no libpq, and its pool reconnects after a broken connection by itself.
+asyncpg was chosen over psycopg 3: it is asyncio-native (see shoal.pg).
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 from typing import Any
+
+from shoal.pg import QUERY_TIMEOUT, LazyPool
 
 log = logging.getLogger("shoal.lease")
 
@@ -64,36 +65,19 @@ RETURNING token
 
 PRUNE_TICKS = "DELETE FROM shoal_job_ticks WHERE tick < now() - interval '1 day'"
 
-QUERY_TIMEOUT = 2.0
-
 
 class LeaseBackend:
-    """A small pool of connections to the lease database, opened on first use.
+    """The lease table in Postgres, through a pool opened on first use (see shoal.pg).
 
     Connecting lazily lets a node start (and serve, and run its other
     singletons) while the database is down; the lease loop keeps retrying.
     """
 
     def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
-        self._pool: Any = None
+        self._pool = LazyPool(dsn, SCHEMA, "lease mode")
 
     async def _connected(self) -> Any:
-        if self._pool is None:
-            try:
-                import asyncpg
-            except ImportError:
-                raise RuntimeError("lease mode needs asyncpg: pip install 'shoal[lease]'") from None
-            pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=4, timeout=QUERY_TIMEOUT
-            )
-            try:
-                await _create_schema(pool)
-            except BaseException:
-                await pool.close()
-                raise
-            self._pool = pool
-        return self._pool
+        return await self._pool.get()
 
     async def acquire(self, name: str, owner: str, ttl: float) -> int | None:
         """The new fencing token if the lease was free (or expired), else None."""
@@ -122,17 +106,4 @@ class LeaseBackend:
         return result is not None
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
-
-
-async def _create_schema(pool: Any) -> None:
-    import asyncpg
-
-    for _ in range(3):  # concurrent CREATE IF NOT EXISTS can race on the catalog
-        try:
-            await pool.execute(SCHEMA, timeout=QUERY_TIMEOUT)
-            return
-        except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
-            continue
+        await self._pool.close()

@@ -84,7 +84,7 @@ class Node:
         try:
             strategy = self._strategy or strategy_for(self.settings)
             await self.singletons.start()
-            await self.scheduler.start()
+            await self.jobs.start()
         except BaseException:
             await self.mesh.stop()  # do not leave the port bound behind a failed start
             self.mesh = None
@@ -286,6 +286,6 @@ class Node:
             "topology": self.settings.topology,
             "cookie": self.cookie_fingerprint,
             "singletons": self.singletons.snapshot(),
-            "jobs": self.scheduler.jobs_snapshot(),
+            "jobs": self.jobs.snapshot(),
             "uptime_s": round(time.time() - self.started_at, 3),
         }

@@ -1,5 +1,8 @@
 """Retries for job functions: a failed attempt is tried again within the same run.
 
+Usually a job option: ``@node.job(schedule, max_attempts=3, backoff=2.0)`` (the engine
+then calls :func:`call_async`); :func:`retrying` does the same for any function.
+
 A retried run keeps its tick: the attempts happen inside the one run that the scheduler
 started for that tick, so a retry never counts as a second run of the tick, the shared
 state records one run, and ``overlap=False`` holds throughout. A job's ``timeout`` bounds
@@ -21,14 +24,14 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from shoal import logs
 
-__all__ = ["Retry", "attempts", "retrying"]
+__all__ = ["Retry", "attempts", "call_async", "retrying"]
 
 log = logging.getLogger("shoal.retries")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -92,18 +95,7 @@ def retrying(policy: Retry | None = None, **options: Any) -> Callable[[F], F]:
 
             @functools.wraps(fn)
             async def run_async(*args: Any, **kwargs: Any) -> Any:
-                attempt = 1
-                while True:
-                    _count(attempt)
-                    try:
-                        with logs.context(attempt=attempt):
-                            return await fn(*args, **kwargs)
-                    except chosen.retry_on as exc:
-                        if attempt >= chosen.max_attempts:
-                            raise
-                        wait = _failed(name, attempt, chosen, exc)
-                    await asyncio.sleep(wait)
-                    attempt += 1
+                return await call_async(chosen, name, lambda: fn(*args, **kwargs))
 
             return cast(F, run_async)
 
@@ -111,7 +103,7 @@ def retrying(policy: Retry | None = None, **options: Any) -> Callable[[F], F]:
         def run_sync(*args: Any, **kwargs: Any) -> Any:
             attempt = 1
             while True:
-                _count(attempt)
+                count_attempt(attempt)
                 try:
                     with logs.context(attempt=attempt):
                         return fn(*args, **kwargs)
@@ -127,7 +119,28 @@ def retrying(policy: Retry | None = None, **options: Any) -> Callable[[F], F]:
     return decorate
 
 
-def _count(attempt: int) -> None:
+async def call_async(policy: Retry, name: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
+    """Await ``attempt()`` until it returns or ``policy`` gives up (then its error is raised).
+
+    Counts the attempts for :func:`attempts`; each attempt's log lines carry ``attempt``.
+    Cancellation (a job's timeout) is never retried.
+    """
+    number = 1
+    while True:
+        count_attempt(number)
+        try:
+            with logs.context(attempt=number):
+                return await attempt()
+        except policy.retry_on as exc:
+            if number >= policy.max_attempts:
+                raise
+            wait = _failed(name, number, policy, exc)
+        await asyncio.sleep(wait)
+        number += 1
+
+
+def count_attempt(attempt: int) -> None:
+    """Record that the current run is in attempt ``attempt`` (1-based)."""
     counter = _attempts.get()
     if counter is not None:
         counter[0] = attempt

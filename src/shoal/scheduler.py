@@ -22,13 +22,30 @@ import socket
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, TypeVar, get_args
+from typing import Any, Protocol, TypeVar, get_args
 from zoneinfo import ZoneInfo
 
-from shoal import logs
+from shoal import logs, retries
 from shoal.cron import CronSchedule, DayMatch, resolve_zone
+from shoal.jobmodel import (
+    InvalidJob,
+    Job,
+    JobExists,
+    JobNotFound,
+    JobNotRun,
+    JobRunning,
+    JobState,
+    Misfire,
+    RunContext,
+    RunResult,
+    RunStatus,
+    RunStrategy,
+    SchedulerError,
+    recency,
+)
+from shoal.retries import Retry
 
 __all__ = [
     "Dispatcher",
@@ -50,197 +67,9 @@ __all__ = [
 
 log = logging.getLogger("shoal.scheduler")
 
-RunStrategy = Literal["cluster", "all", "random", "local"]
-Misfire = Literal["skip", "run_once"]
-RunStatus = Literal["ok", "error", "timeout", "cancelled"]
-
 _MAX_SLEEP = 30.0  # seconds; bounds how long a wall-clock step can go unnoticed
 _SPIN = 0.0015  # seconds before a tick when timed sleep hands over to yielding (see _sleep_until)
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-# -- errors ---------------------------------------------------------------------------------
-
-
-class SchedulerError(Exception):
-    """Base of every error the Job API raises."""
-
-
-class JobNotFound(SchedulerError):
-    """No job has this name."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"no job named {name!r}")
-        self.name = name
-
-
-class JobExists(SchedulerError):
-    """A job with this name is already defined."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"a job named {name!r} already exists")
-        self.name = name
-
-
-class JobRunning(SchedulerError):
-    """run_now on an overlap=False job whose previous run has not finished."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"job {name!r} is still running and does not allow overlap")
-        self.name = name
-
-
-class JobNotRun(SchedulerError):
-    """The dispatcher decided not to run the job (or could not tell where it ran)."""
-
-
-class InvalidJob(SchedulerError, ValueError):
-    """A job definition has a bad argument; the message names it."""
-
-
-# -- records --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """Passed to a job function that takes one argument: what is running and why."""
-
-    job: str
-    tick: datetime
-    node: str
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """The outcome of one run of a job function, as the node that ran it saw it."""
-
-    job: str
-    tick: datetime
-    node: str
-    started_at: datetime
-    finished_at: datetime
-    status: RunStatus
-    error: str | None = None
-
-    @property
-    def lateness(self) -> float:
-        """Seconds between the tick and the moment the job function started."""
-        return (self.started_at - self.tick).total_seconds()
-
-    @property
-    def duration(self) -> float:
-        return (self.finished_at - self.started_at).total_seconds()
-
-    def to_wire(self) -> dict[str, Any]:
-        """A msgpack-able dict, for a dispatcher that runs jobs on another node."""
-        return {
-            "job": self.job,
-            "tick": _dt_to_wire(self.tick),
-            "node": self.node,
-            "started_at": _dt_to_wire(self.started_at),
-            "finished_at": _dt_to_wire(self.finished_at),
-            "status": self.status,
-            "error": self.error,
-        }
-
-    @classmethod
-    def from_wire(cls, data: Mapping[str, Any]) -> RunResult:
-        """Inverse of :meth:`to_wire`; raises ValueError on malformed input."""
-        try:
-            status = data["status"]
-            if status not in get_args(RunStatus):
-                raise ValueError(f"unknown status {status!r}")
-            return cls(
-                job=_str(data["job"]),
-                tick=_dt_required(data["tick"]),
-                node=_str(data["node"]),
-                started_at=_dt_required(data["started_at"]),
-                finished_at=_dt_required(data["finished_at"]),
-                status=status,
-                error=_opt_str(data.get("error")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"bad RunResult wire data: {exc}") from exc
-
-
-@dataclass
-class JobState:
-    """What the cluster shares about a job, so any node can take over its schedule.
-
-    ``last_tick`` is the newest scheduled tick that was *started* (a new leader never
-    re-runs a tick at or before it); ``last_completed`` the newest tick whose run
-    finished (ok or failed). ``running_since``/``running_tick``/``running_on`` are set
-    while a run is in flight (``running_on``: the node that launched it); ``ran_on``
-    names the node where the last run executed.
-    """
-
-    last_tick: datetime | None = None
-    last_completed: datetime | None = None
-    running_since: datetime | None = None
-    running_tick: datetime | None = None
-    running_on: str | None = None
-    ran_on: str | None = None
-    last_run_at: datetime | None = None
-    last_status: str | None = None
-    last_error: str | None = None
-    last_duration: float | None = None
-    runs: int = 0
-    failures: int = 0
-
-    def copy(self) -> JobState:
-        return replace(self)
-
-    def to_wire(self) -> dict[str, Any]:
-        """A msgpack-able dict: datetimes as UTC ISO-8601 strings, everything else plain."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = _dt_to_wire(value) if isinstance(value, datetime) else value
-        return out
-
-    @classmethod
-    def from_wire(cls, data: Mapping[str, Any]) -> JobState:
-        """Inverse of :meth:`to_wire`; unknown keys are ignored (newer peers), bad values raise
-        ValueError."""
-        try:
-            duration = data.get("last_duration")
-            return cls(
-                last_tick=_dt(data.get("last_tick")),
-                last_completed=_dt(data.get("last_completed")),
-                running_since=_dt(data.get("running_since")),
-                running_tick=_dt(data.get("running_tick")),
-                running_on=_opt_str(data.get("running_on")),
-                ran_on=_opt_str(data.get("ran_on")),
-                last_run_at=_dt(data.get("last_run_at")),
-                last_status=_opt_str(data.get("last_status")),
-                last_error=_opt_str(data.get("last_error")),
-                last_duration=None if duration is None else float(duration),
-                runs=_int(data.get("runs", 0)),
-                failures=_int(data.get("failures", 0)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"bad JobState wire data: {exc}") from exc
-
-
-@dataclass(eq=False)
-class Job:
-    """A job definition. Read it freely; change it only through the Scheduler's methods."""
-
-    name: str
-    schedule: CronSchedule
-    fn: Callable[..., Any]
-    overlap: bool = False
-    timeout: float | None = None
-    misfire: Misfire = "skip"
-    run_strategy: RunStrategy = "cluster"
-    active: bool = True
-    _is_async: bool = field(default=False, repr=False)
-    _wants_context: bool = field(default=False, repr=False)
-
-    @property
-    def is_cluster(self) -> bool:
-        """Cluster jobs run once per cluster and tick only on the leader."""
-        return self.run_strategy == "cluster"
 
 
 class Dispatcher(Protocol):
@@ -347,6 +176,8 @@ class Scheduler:
         run_strategy: RunStrategy = "cluster",
         active: bool = True,
         day_match: DayMatch | None = None,
+        max_attempts: int = 1,
+        backoff: float = 1.0,
     ) -> Callable[[F], F]:
         """Decorator form of :meth:`add_job`; returns the function unchanged."""
 
@@ -362,6 +193,8 @@ class Scheduler:
                 run_strategy=run_strategy,
                 active=active,
                 day_match=day_match,
+                max_attempts=max_attempts,
+                backoff=backoff,
             )
             return fn
 
@@ -380,6 +213,8 @@ class Scheduler:
         run_strategy: RunStrategy = "cluster",
         active: bool = True,
         day_match: DayMatch | None = None,
+        max_attempts: int = 1,
+        backoff: float = 1.0,
     ) -> Job:
         """Define a job; it starts ticking at once if the scheduler runs (and, for cluster jobs,
         leads). ``day_match="and"``: Quantum's day rule (see shoal.cron). Raises CronError for
@@ -402,6 +237,10 @@ class Scheduler:
             )
         if timeout is not None and not timeout > 0:
             raise InvalidJob(f"job {job_name!r}: timeout must be > 0 seconds, got {timeout!r}")
+        try:
+            retry = Retry(max_attempts, backoff) if max_attempts != 1 else None
+        except (TypeError, ValueError) as exc:
+            raise InvalidJob(f"job {job_name!r}: {exc} (max_attempts, backoff)") from None
         if isinstance(schedule, CronSchedule):
             if tz is not None or day_match is not None:
                 raise InvalidJob(
@@ -421,6 +260,7 @@ class Scheduler:
             misfire=misfire,
             run_strategy=run_strategy,
             active=active,
+            retry=retry,
             _is_async=_is_async(fn),
             _wants_context=_wants_context(job_name, fn),
         )
@@ -583,6 +423,7 @@ class Scheduler:
                     "overlap": job.overlap,
                     "misfire": job.misfire,
                     "timeout": job.timeout,
+                    "max_attempts": job.retry.max_attempts if job.retry else 1,
                     "last_run": _iso(state.last_run_at),
                     "last_tick": _iso(state.last_tick),
                     "last_completed": _iso(state.last_completed),
@@ -616,6 +457,7 @@ class Scheduler:
             tick.isoformat(),
             (started - tick).total_seconds() * 1000,
         )
+        attempts = retries.start_run()  # this run's own counter (its task's context)
         self._call_hook(self.on_job_start, job, tick)
         status: RunStatus = "ok"
         error: str | None = None
@@ -625,9 +467,8 @@ class Scheduler:
                 await self._call_job(job, tick)
         except asyncio.CancelledError:
             log.warning("job %r (tick %s) cancelled", name, tick.isoformat())
-            self._call_hook(
-                self.on_job_stop, job, self._result(job, tick, started, "cancelled", "cancelled")
-            )
+            cancelled = self._result(job, tick, started, "cancelled", "cancelled", attempts[0])
+            self._call_hook(self.on_job_stop, job, cancelled)
             raise
         except Exception as exc:
             if isinstance(exc, TimeoutError) and deadline.expired():
@@ -644,7 +485,7 @@ class Scheduler:
                 error = "".join(traceback.format_exception_only(exc)).strip()
                 log.error("job %r (tick %s) raised", name, tick.isoformat(), exc_info=exc)
             self._call_hook(self.on_job_exception, job, tick, exc)
-        result = self._result(job, tick, started, status, error)
+        result = self._result(job, tick, started, status, error, attempts[0])
         self._debug_log(
             "job %r tick %s finished: %s in %.3f s", name, tick.isoformat(), status, result.duration
         )
@@ -652,6 +493,15 @@ class Scheduler:
         return result
 
     async def _call_job(self, job: Job, tick: datetime) -> None:
+        """One attempt, or (with ``job.retry``) attempts until one succeeds or it gives up;
+        all within this one run of the tick."""
+        if job.retry is None:
+            retries.count_attempt(1)
+            await self._call_once(job, tick)
+        else:
+            await retries.call_async(job.retry, job.name, lambda: self._call_once(job, tick))
+
+    async def _call_once(self, job: Job, tick: datetime) -> None:
         args: tuple[Any, ...] = (
             (RunContext(job.name, tick, self.node),) if job._wants_context else ()
         )
@@ -663,9 +513,18 @@ class Scheduler:
             await outcome
 
     def _result(
-        self, job: Job, tick: datetime, started: datetime, status: RunStatus, error: str | None
+        self,
+        job: Job,
+        tick: datetime,
+        started: datetime,
+        status: RunStatus,
+        error: str | None,
+        attempts: int,
     ) -> RunResult:
-        return RunResult(job.name, tick, self.node, started, datetime.now(UTC), status, error)
+        finished = datetime.now(UTC)
+        return RunResult(
+            job.name, tick, self.node, started, finished, status, error, max(1, attempts)
+        )
 
     # -- tick machinery -----------------------------------------------------------------------
 
@@ -875,7 +734,7 @@ class Scheduler:
         while nothing is in flight here is a stale echo of an earlier run and is dropped.
         """
         current = self._states.get(name, JobState())
-        if _recency(incoming) < _recency(current):
+        if recency(incoming) < recency(current):
             self._debug_log("job %r: ignoring a stale state update", name)
             return
         merged = incoming.copy()
@@ -956,46 +815,5 @@ def _wants_context(name: str, fn: Callable[..., Any]) -> bool:
     return len(required) == 1
 
 
-def _recency(state: JobState) -> tuple[datetime, int, bool]:
-    """Orders states of one job from older to newer."""
-    tick = state.last_tick or datetime.min.replace(tzinfo=UTC)
-    return tick, state.runs, state.running_since is None
-
-
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
-
-
-def _dt_to_wire(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat()
-
-
-def _dt(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    return _dt_required(value)
-
-
-def _dt_required(value: Any) -> datetime:
-    if not isinstance(value, str):
-        raise TypeError(f"expected an ISO-8601 string, got {value!r}")
-    parsed = datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        raise ValueError(f"datetime {value!r} has no UTC offset")
-    return parsed
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string, got {value!r}")
-    return value
-
-
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else _str(value)
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {value!r}")
-    return value

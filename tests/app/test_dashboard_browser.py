@@ -41,6 +41,12 @@ def test_page_shows_the_cluster_and_follows_it(procs: Procs, tmp_path: Path) -> 
             10.0,
             message="page shows the job",
         )
+        # The recent runs, from the history every node keeps: tick, node, status, attempts.
+        wait_until(
+            lambda: "Recent runs" in page.text() and "1 attempt" in page.text(),
+            10.0,
+            message="page shows the recent runs",
+        )
         page.screenshot(tmp_path / "vegeta.png")
         assert (tmp_path / "vegeta.png").stat().st_size > 10_000
 

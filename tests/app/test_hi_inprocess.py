@@ -55,7 +55,13 @@ def test_page_escapes_everything_it_shows() -> None:
             "nodes": [evil],
             "cookie": evil,
             "singletons": {evil: evil},
-            "jobs": [{"name": evil, "last_run": {"on": evil}}],
+            "jobs": [
+                {
+                    "name": evil,
+                    "last_run": {"on": evil},
+                    "history": [{"job": evil, "node": evil, "error": evil, "duration": 0.1}],
+                }
+            ],
         },
         route="/krillin",
     )

@@ -5,6 +5,7 @@ Loopback aliases 127.0.11.x belong to this module.
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -17,7 +18,7 @@ import pytest
 
 from tests.support.dns_server import LocalDNSServer
 from tests.support.hi import HiNode, hosts_list
-from tests.support.procs import Procs
+from tests.support.procs import Procs, wait_until
 
 SHOAL = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "shoal")
 
@@ -256,3 +257,49 @@ def test_usage_errors_exit_2_with_the_usage_and_no_traceback() -> None:
     assert helped.returncode == 0
     for flag in ("--node", "-n", "--socket", "-s", "--json"):
         assert flag in helped.stdout
+
+
+def test_jobs_added_paused_and_removed_on_one_node_change_every_node(
+    procs: Procs, sockets: Path
+) -> None:
+    hosts = ["127.0.11.40", "127.0.11.41"]
+    a, b = (start(procs, h, sockets / f"{h}.sock", hosts) for h in hosts)
+    a.wait_nodes([b.name])
+    on_a, on_b = (["--socket", str(sockets / f"{n.host}.sock")] for n in (a, b))
+
+    def job_on_b(name: str) -> dict[str, object] | None:
+        listed = shoal("jobs", "--json", *on_b)
+        assert listed.returncode == 0, listed.stderr
+        return next((j for j in json.loads(listed.stdout) if j["name"] == name), None)
+
+    added = shoal(
+        "jobs", "add", "extra", "* * * * * *", "hi", "max_attempts=2", "backoff=0.5", *on_a
+    )
+    assert added.returncode == 0, added.stderr
+    wait_until(lambda: job_on_b("extra") is not None, 5.0, message="b has the job")
+    row = job_on_b("extra")
+    assert row is not None and row["max_attempts"] == 2 and row["defined"] == "runtime"
+
+    def runs_of_extra() -> list[str]:
+        history = shoal("jobs", "history", "extra", *on_b)
+        assert history.returncode == 0, history.stderr
+        return [line for line in history.stdout.splitlines() if " ok " in line]
+
+    wait_until(lambda: len(runs_of_extra()) >= 2, 10.0, message="runs in the history")
+    assert "attempts 1" in runs_of_extra()[0]
+
+    assert shoal("jobs", "pause", "extra", *on_b).returncode == 0
+    wait_until(lambda: (job_on_b("extra") or {}).get("active") is False, 5.0)
+    assert shoal("jobs", "remove", "extra", *on_b).returncode == 0
+    wait_until(lambda: job_on_b("extra") is None, 5.0, message="removed everywhere")
+
+    for args, code, words in [
+        (["jobs", "add", "x", "* * * * * *", "nope"], 1, "no task named 'nope'"),
+        (["jobs", "add", "x", "* * * * * *", "hi", "color=red"], 1, "KEY=VALUE"),
+        (["jobs", "remove", "hi"], 1, "defined in code"),
+        (["jobs", "history", "nope"], 1, "no job named 'nope'"),
+        (["jobs", "launch", "x"], 2, "unknown jobs action"),
+    ]:
+        failed = shoal(*args, *on_a)
+        assert failed.returncode == code and words in failed.stderr, (args, failed.stderr)
+        assert "Traceback" not in failed.stderr

@@ -10,7 +10,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from shoal.config import ConfigError, Settings
+from shoal.history import RunHistory
+from shoal.jobdefs import JobDef
 from shoal.jobstore import DurableJobs, PostgresJobStore
+from shoal.node import Node
 from shoal.retries import retrying
 from shoal.scheduler import JobState, RunContext, Scheduler
 from tests.support.postgres import PostgresServer, running_postgres, unavailable_reason
@@ -138,3 +142,83 @@ async def test_a_store_that_cannot_save_prevents_the_run(pg: PostgresServer) -> 
     finally:
         await scheduler.stop(drain_timeout=0.5)
     assert not ran.is_set()
+
+
+async def test_definitions_are_stored_newest_version_first(pg: PostgresServer) -> None:
+    store = PostgresJobStore(pg.dsn)
+    try:
+        newer = JobDef("d", 5, "b@h", schedule="@daily", task="t", options={"max_attempts": 2})
+        await store.save_definition("d", 5, "b@h", newer.to_wire())
+        older = JobDef("d", 4, "c@h", schedule="@hourly", task="t")
+        await store.save_definition("d", 4, "c@h", older.to_wire())  # heard late: ignored
+        tie = JobDef("d", 5, "a@h", deleted=True)  # same version, lower origin: ignored
+        await store.save_definition("d", 5, "a@h", tie.to_wire())
+        (stored,) = [JobDef.from_wire(w) for w in await store.load_definitions()]
+        assert stored == newer
+    finally:
+        await store.close()
+
+
+async def test_a_node_that_cannot_load_the_store_serves_but_does_not_lead_jobs() -> None:
+    """Without the stored state a node could repeat a tick: it starts, holds the scheduler
+    singleton, keeps retrying the store, and runs no cluster job meanwhile."""
+    settings = Settings(
+        cookie="test-cookie-jobstore-a7b6c5d4e3f21098",
+        host="127.0.67.2",  # this module's own loopback alias
+        port=4370,
+        topology="static",
+        lease_dsn="postgresql://nobody@127.0.0.1:1/none",  # nothing listens
+    )
+    node = Node(settings)
+    ran: list[datetime] = []
+    node.scheduler.add_job("* * * * * *", lambda ctx: ran.append(ctx.tick), name="tick")
+    await node.start()
+    try:
+        await node.wait_ready(5)
+        await async_wait_until(lambda: node.jobs.leader == node.name, 5.0)
+        with pytest.raises(TimeoutError):
+            await node.jobs.wait_loaded(2.5)
+        assert ran == [] and not node.scheduler.leading  # holds the singleton, ticks nothing
+        assert [row["name"] for row in node.status()["jobs"]] == ["tick"]
+    finally:
+        await node.stop()
+
+
+def test_the_job_store_has_one_setting_and_its_old_name_is_an_alias() -> None:
+    base = {"RELEASE_COOKIE": "test-cookie-jobstore-a7b6c5d4e3f21098", "NODE_HOST": "127.0.0.1"}
+    dsn = "postgresql://shoal@db.internal/shoal"
+    assert Settings.from_env({**base, "SHOAL_LEASE_DSN": dsn}).lease_dsn == dsn
+    assert Settings.from_env({**base, "SHOAL_JOB_STORE_DSN": dsn}).lease_dsn == dsn
+    both = {**base, "SHOAL_LEASE_DSN": dsn, "SHOAL_JOB_STORE_DSN": dsn}
+    assert Settings.from_env(both).lease_dsn == dsn
+    with pytest.raises(ConfigError, match="alias"):
+        Settings.from_env({**both, "SHOAL_JOB_STORE_DSN": dsn + "2"})
+    assert Settings.from_env(base).lease_dsn is None
+
+
+async def test_a_new_node_loads_the_recent_runs_of_every_job(pg: PostgresServer) -> None:
+    """Runs of a job that keeps no shared state (run_strategy="local") come back too."""
+
+    def node(name: str) -> tuple[Scheduler, RunHistory, DurableJobs, PostgresJobStore]:
+        scheduler = Scheduler(node=name, leading=True)
+        scheduler.add_job("@daily", lambda: None, name="here", run_strategy="local")
+        history = RunHistory(scheduler)
+        store = PostgresJobStore(pg.dsn)
+        return scheduler, history, DurableJobs(scheduler, store, history, True), store
+
+    a, _, durable_a, store_a = node("a@h")
+    await a.start()
+    try:
+        ran = [await a.run_now("here") for _ in range(2)]
+    finally:
+        await a.stop(drain_timeout=0.5)
+        await durable_a.flush()
+        await store_a.close()
+    _, history_b, durable_b, store_b = node("b@h")
+    try:
+        assert await durable_b.load() == 0  # no state: a local job's is not stored
+        runs = history_b.runs("here")
+        assert [r.started_at for r in runs] == [r.started_at for r in reversed(ran)]
+        assert {r.node for r in runs} == {"a@h"}
+    finally:
+        await store_b.close()

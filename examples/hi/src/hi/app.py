@@ -30,7 +30,6 @@ from shoal import ConfigError, MessageTooLarge, Node, logs
 from shoal import loop as shoal_loop
 from shoal.asgi import serve as serve_http
 from shoal.drain import Drain
-from shoal.jobstore import DurableJobs, PostgresJobStore
 
 try:
     import prometheus_client  # noqa: F401  # the optional extra is installed
@@ -184,38 +183,11 @@ def create_app(node: Node, drain: Drain | None = None, max_body: int | None = No
     return app
 
 
-async def serve(
-    node: Node,
-    port: int,
-    drain: Drain,
-    job_store_dsn: str | None = None,
-    app: FastAPI | None = None,
-) -> int:
+async def serve(node: Node, port: int, drain: Drain, app: FastAPI | None = None) -> int:
     """Run the node and its HTTP server (`create_app(node, drain)` unless given) until a
-    signal has drained both; the exit code.
-
-    With ``job_store_dsn`` (SHOAL_JOB_STORE_DSN) the jobs' states are loaded from and
-    saved to Postgres, so a restart of the whole cluster keeps the last tick; a node
-    that cannot load them does not start (it could repeat a tick).
-    """
-    store: PostgresJobStore | None = None
-    durable: DurableJobs | None = None
-    if job_store_dsn:
-        store = PostgresJobStore(job_store_dsn)
-        durable = DurableJobs(node.scheduler, store)
-        try:
-            loaded = await durable.load()
-        except Exception as exc:
-            log.error("job store: cannot load the jobs' states: %s", exc)
-            await store.close()
-            return 1
-        log.info("job store: %d job states loaded", loaded)
-    try:
-        return await _serve(node, port, drain, app or create_app(node, drain))
-    finally:
-        if durable is not None and store is not None:
-            await durable.flush()
-            await store.close()
+    signal has drained both; the exit code. (The node keeps its jobs in Postgres itself
+    when SHOAL_LEASE_DSN is set.)"""
+    return await _serve(node, port, drain, app or create_app(node, drain))
 
 
 async def _serve(node: Node, port: int, drain: Drain, app: FastAPI) -> int:
@@ -289,9 +261,8 @@ def main() -> None:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         sys.exit(2)
-    dsn = os.environ.get("SHOAL_JOB_STORE_DSN") or None
     app = create_app(node, drain, max_body)
-    sys.exit(shoal_loop.run(serve(node, port, drain, dsn, app)))
+    sys.exit(shoal_loop.run(serve(node, port, drain, app)))
 
 
 if __name__ == "__main__":

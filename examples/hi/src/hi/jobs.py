@@ -53,3 +53,5 @@ def add_hi_job(node: Node, env: Mapping[str, str]) -> None:
             started = time.monotonic()
             await asyncio.sleep(work)
             log.info("Job done on: %s after %.3f s", node.name, time.monotonic() - started)
+
+    node.jobs.task("hi")(hi_job)  # run-time jobs may run it too: `shoal jobs add NAME SCHED hi`

@@ -70,6 +70,8 @@ def _main(cluster: dict[str, Any], route: str) -> str:
         + _singletons(cluster.get("singletons") or {})
         + "</section><section><h2>Jobs</h2>"
         + _jobs(cluster.get("jobs") or [])
+        + "</section><section><h2>Recent runs</h2>"
+        + _runs(cluster.get("jobs") or [])
         + '</section><p class="muted" id=updated>refreshes every 2 s</p>'
     )
 
@@ -106,6 +108,39 @@ def _jobs(jobs: list[Any]) -> str:
         if isinstance(job, dict)
     )
     return f"<table id=jobs><tr>{head}</tr>{rows}</table>"
+
+
+RECENT_RUNS = 10
+
+
+def _runs(jobs: list[Any]) -> str:
+    """The newest runs of every job, on any node (each job row carries its history)."""
+    runs = [
+        run
+        for job in jobs
+        if isinstance(job, dict)
+        for run in job.get("history") or []
+        if isinstance(run, dict)
+    ]
+    runs.sort(key=lambda run: str(run.get("started_at")), reverse=True)
+    if not runs:
+        return '<p class="muted">none yet</p>'
+    rows = "".join(
+        f"<tr><td>{_cell(run.get('job'))}</td><td>{_cell(run.get('tick'))}</td>"
+        f"<td><code>{_cell(run.get('node'))}</code></td>"
+        f"<td>{_cell(round(float(run.get('duration') or 0) * 1000, 1))} ms</td>"
+        f"<td>{_cell(run.get('status'))}</td>"
+        f"<td>{_cell(_attempts(run.get('attempts')))}</td><td>{_cell(run.get('error'))}</td></tr>"
+        for run in runs[:RECENT_RUNS]
+    )
+    head = "".join(
+        f"<th>{t}</th>" for t in ("job", "tick", "node", "took", "status", "tries", "error")
+    )
+    return f"<table id=runs><tr>{head}</tr>{rows}</table>"
+
+
+def _attempts(value: Any) -> str:
+    return f"{value} attempt" + ("" if value == 1 else "s")
 
 
 def _cell(value: Any) -> str:
