@@ -10,6 +10,7 @@ libpq, and its pool reconnects after a broken connection by itself.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 QUERY_TIMEOUT = 2.0  # seconds, for every query shoal sends
@@ -23,26 +24,29 @@ class LazyPool:
         self._schema = schema
         self._purpose = purpose  # for the error when asyncpg is missing
         self._pool: Any = None
+        self._opening = asyncio.Lock()  # two first callers must not open two pools
 
     async def get(self) -> Any:
         """The open pool (an ``asyncpg.Pool``), opening it and creating the schema first."""
-        if self._pool is None:
-            try:
-                import asyncpg
-            except ImportError:
-                raise RuntimeError(
-                    f"{self._purpose} needs asyncpg: pip install 'shoal[lease]'"
-                ) from None
-            pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=4, timeout=QUERY_TIMEOUT
-            )
-            try:
-                await _create_schema(pool, self._schema)
-            except BaseException:
-                await pool.close()
-                raise
-            self._pool = pool
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await self._open()
         return self._pool
+
+    async def _open(self) -> Any:
+        try:
+            import asyncpg
+        except ImportError:
+            raise RuntimeError(
+                f"{self._purpose} needs asyncpg: pip install 'shoal[lease]'"
+            ) from None
+        pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=4, timeout=QUERY_TIMEOUT)
+        try:
+            await _create_schema(pool, self._schema)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -15,6 +15,7 @@ from shoal.history import RunHistory
 from shoal.jobdefs import JobDef
 from shoal.jobstore import DurableJobs, PostgresJobStore
 from shoal.node import Node
+from shoal.pg import LazyPool
 from shoal.retries import retrying
 from shoal.scheduler import JobState, RunContext, Scheduler
 from tests.support.postgres import PostgresServer, running_postgres, unavailable_reason
@@ -222,3 +223,13 @@ async def test_a_new_node_loads_the_recent_runs_of_every_job(pg: PostgresServer)
         assert {r.node for r in runs} == {"a@h"}
     finally:
         await store_b.close()
+
+
+async def test_first_users_racing_for_the_pool_share_one(pg: PostgresServer) -> None:
+    """The lease and the store both open their pool on first use, possibly at once."""
+    pool = LazyPool(pg.dsn, "SELECT 1", "the test")
+    try:
+        first, second = await asyncio.gather(pool.get(), pool.get())
+        assert first is second
+    finally:
+        await pool.close()
