@@ -117,6 +117,9 @@ class Node:
     async def stop(self) -> None:
         """Leave gracefully: hand over what this node runs, tell peers, close."""
         if self.mesh is None:
+            if self._claimed_port is not None:  # never started: free the port it claimed
+                self._claimed_port.sock.close()
+                self._claimed_port = None
             return
         self.draining = True
         # Hand over first (the handover gap is what peers wait for), then drain the rest.
