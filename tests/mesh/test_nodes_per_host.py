@@ -103,9 +103,9 @@ async def test_peers_of_peers_are_dialed_on_the_range_only(
 ) -> None:
     """A member list may name nodes on the other ports of the range (dialed), never a
     port outside it, even on an address that listens there."""
-    a, b = hosts(), hosts()
+    a, b, c = hosts(), hosts(), hosts()
     hub, near = nodes(a), nodes(b, nodes_per_host=2)
-    outside = socket.create_server((a, MESH_PORT + 4))  # one past the hub's range
+    outside = socket.create_server((c, MESH_PORT + 4))  # one past the range
     outside.setblocking(False)
     try:
         await hub.start()
@@ -121,8 +121,8 @@ async def test_peers_of_peers_are_dialed_on_the_range_only(
         )
         assert hub.mesh is not None
         conn = hub.mesh.connection_to(near.name)
-        conn.send([wire.MEMBERS, [[f"hi@{a}:{MESH_PORT + 4}", a, MESH_PORT + 4]]])
-        conn.send([wire.MEMBERS, [[f"hi@{a}", a, MESH_PORT + 4]]])
+        conn.send([wire.MEMBERS, [[f"hi@{c}:{MESH_PORT + 4}", c, MESH_PORT + 4]]])
+        conn.send([wire.MEMBERS, [[f"hi@{c}", c, MESH_PORT + 4]]])
         await near.ping(hub.name)  # both frames handled
         with pytest.raises(BlockingIOError):
             outside.accept()
