@@ -119,15 +119,22 @@ def dns_env(nameserver: Host, *hosts: Host) -> dict[str, str]:
     }
 
 
-def all_joined(groups: list[Workers], peers: int) -> list[dict[str, Any]] | None:
-    views = [view for group in groups for view in group.views()]
+def all_joined(groups: list[Workers], peers: int) -> list[dict[str, Any]] | str | None:
+    """Every worker's view once each sees `peers` peers; a message if a uvicorn exited."""
     for group in groups:
         if group.process.poll() is not None:
-            raise AssertionError(f"uvicorn on {group.host} exited:\n{group.output()}")
+            return f"uvicorn on {group.host} exited:\n{group.output()}"
+    views = [view for group in groups for view in group.views()]
     expected = sum(group.count for group in groups)
     if len(views) == expected and all(len(view["nodes"]) == peers for view in views):
         return views
     return None
+
+
+def wait_joined(groups: list[Workers], peers: int, message: str) -> list[dict[str, Any]]:
+    result = wait_until(lambda: all_joined(groups, peers), JOIN_DEADLINE_S, 0.1, message)
+    assert not isinstance(result, str), result
+    return result
 
 
 @pytest.mark.parametrize("topology", ["gossip", "static", "dns"])
@@ -149,12 +156,7 @@ def test_four_workers_on_one_host_and_two_on_another_form_one_mesh(
             env.update(dns_env(nameserver, a, b))
         launched = time.time()
         with workers((a, 4), (b, 2), env=env, tmp=tmp_path) as groups:
-            views = wait_until(
-                lambda: all_joined(groups, peers=5),
-                JOIN_DEADLINE_S,
-                interval=0.1,
-                message=f"6-node mesh under {topology}",
-            )
+            views = wait_joined(groups, 5, f"6-node mesh under {topology}")
             names = sorted(view["name"] for view in views)
             assert names == sorted(
                 [
@@ -189,9 +191,7 @@ def test_one_node_per_host_keeps_its_names_and_its_one_port(topology: str, tmp_p
         else:
             env.update(dns_env(nameserver, a, b))
         with workers((a, 1), (b, 1), env=env, tmp=tmp_path) as groups:
-            views = wait_until(
-                lambda: all_joined(groups, peers=1), JOIN_DEADLINE_S, interval=0.1, message="pair"
-            )
+            views = wait_joined(groups, 1, "a pair")
             assert sorted((v["name"], v["port"]) for v in views) == [
                 (f"hi@{a.address}", 4370),
                 (f"hi@{b.address}", 4370),
