@@ -416,6 +416,9 @@ class Mesh:
         # scrypt takes tens of ms (more on a loaded machine); in a thread it does
         # not stall other nodes or an app sharing this loop. Cached afterwards.
         self._key = await asyncio.to_thread(wire.cookie_key, self.settings.cookie)
+        # TLS is layered on in the handshake task (`_start_tls`), so that its
+        # deadline, the pending-handshake cap and the bad-peer log cover the TLS
+        # handshake too.
         claimed, self._claimed = self._claimed, None
         if claimed is not None:
             if claimed.pid != os.getpid():
@@ -426,9 +429,6 @@ class Mesh:
                     "one (forked after the Node was made, e.g. gunicorn --preload?): make "
                     "the Node in each worker process",
                 )
-            # TLS is layered on in the handshake task (`_start_tls`), so that
-            # its deadline, the pending-handshake cap and the bad-peer log
-            # cover the TLS handshake too.
             self._server = await loop.create_server(
                 lambda: self._accepted(), sock=claimed.sock, backlog=LISTEN_BACKLOG
             )
@@ -478,12 +478,12 @@ class Mesh:
         return sorted(self.connections)
 
     # discovery entry point -------------------------------------------------
-    def propose(self, peers: Iterable[Peer], *, learned: bool = False) -> None:
+    def propose(self, peers: Iterable[Peer], *, known: bool = False) -> None:
         """Dial every proposed peer we are not connected (or connecting) to.
 
-        `learned`: from a peer's member list, so a node is there; discovery's
-        proposals of the ports of a range are probes, backed off where no node
-        of ours answered (`_probe_failed`).
+        `known`: a node is there (a peer's member list says so, or the app asks
+        `connect`); discovery's proposals of a range's ports are probes, backed
+        off where no node of ours answered (`_probe_failed`).
         """
         if self._stopping:
             return
@@ -494,7 +494,7 @@ class Mesh:
             if peer.name in self.connections or peer.name in self._dialing:
                 continue
             backoff = self._probe_backoff.get((peer.host, peer.port))
-            if backoff is not None and not learned and now < backoff[0]:
+            if backoff is not None and not known and now < backoff[0]:
                 continue
             if len(self._dialing) >= admission.MAX_CONCURRENT_DIALS:
                 log.debug(
@@ -841,7 +841,7 @@ class Mesh:
                     and admission.learned_address_allowed(peer.host, self.settings.host)
                 ):
                     peers.append(peer)
-        self.propose(peers, learned=True)
+        self.propose(peers, known=True)
 
     def report_bad_peer(self, conn: Connection, why: str) -> None:
         """Log a dropped peer; unauthenticated ones at most once per second (floods)."""

@@ -220,7 +220,7 @@ class Node:
         )
         try:
             assert self.mesh is not None
-            self.mesh.propose([peer])
+            self.mesh.propose([peer], known=True)
             async with asyncio.timeout(self.settings.handshake_timeout + 1):
                 await event.wait()
         except TimeoutError:

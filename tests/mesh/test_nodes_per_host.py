@@ -184,8 +184,14 @@ async def test_refused_probes_back_off_but_a_member_list_dials_at_once(
     assert delay == 1.0
     mesh.propose([empty])
     assert not mesh.dialing, "a refused port is not probed again at once"
-    mesh.propose([empty], learned=True)
+    mesh.propose([empty], known=True)
     assert mesh.dialing, "a member list's word that a node is there is dialed at once"
+    await async_wait_until(lambda: not mesh.dialing, timeout=5, message="refused again")
+    # A node comes up there: the app's connect() dials it at once, back-off or not.
+    *_, late = [nodes(empty.host) for _ in range(3)]
+    await late.start()
+    assert late.name == empty.name
+    assert await node.connect(empty.name) == empty.name
 
 
 async def test_a_node_made_before_a_fork_refuses_to_start_in_the_child(
