@@ -69,11 +69,6 @@ class Settings:
     basename: str = "hi"
     host: str = "127.0.0.1"
     port: int = 4370
-    # Several nodes per host: a node listens on the first free port of
-    # `ports` (SHOAL_PORT, SHOAL_PORT + 1, ...), claimed by `mesh.claim_port`,
-    # which sets `own_port`; 0 means SHOAL_PORT itself (one node per host).
-    nodes_per_host: int = 1
-    own_port: int = 0
     topology: str = "dns"
     # DNS polling (and Cloud Map) discovery.
     discovery_endpoint: str = "ecs.local"
@@ -131,6 +126,11 @@ class Settings:
     control_socket: str | None = None
     # SHOAL_ALLOW_WEAK_COOKIE=1: accept a short or guessable cookie (throwaway tests only).
     allow_weak_cookie: bool = False
+    # Several nodes per host: a node listens on the first free port of
+    # `ports` (SHOAL_PORT, SHOAL_PORT + 1, ...), claimed by `mesh.claim_port`,
+    # which sets `own_port`; 0 means SHOAL_PORT itself (one node per host).
+    nodes_per_host: int = 1
+    own_port: int = 0
 
     @property
     def name(self) -> str:
