@@ -23,6 +23,11 @@ SINGLETON_MODES = ("mesh", "quorum", "lease")
 # No duration setting may exceed a day: larger values are typos, and would
 # overflow timers.
 MAX_MS = 24 * 3600 * 1000
+# SHOAL_NODES_PER_HOST at most: every node of a host may be handshaking with a
+# peer at once, and one address holds at most this many pending handshakes
+# there (shoal.admission.MAX_PENDING_HANDSHAKES_PER_HOST); it also bounds the
+# ports a dialer probes on each discovered host.
+MAX_NODES_PER_HOST = 32
 
 
 class ConfigError(ValueError):
@@ -31,14 +36,21 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Peer:
-    """A node address proposed by discovery or configuration: `basename@host:port`."""
+    """A node address proposed by discovery or configuration.
+
+    Its name is `basename@host`, or `basename@host:port` for a node on a port
+    other than SHOAL_PORT within SHOAL_NODES_PER_HOST (`Settings.peer` decides).
+    """
 
     basename: str
     host: str
     port: int
+    port_in_name: bool = False
 
     @property
     def name(self) -> str:
+        if self.port_in_name:
+            return f"{self.basename}@{join_host_port(self.host, self.port)}"
         return f"{self.basename}@{self.host}"
 
 
@@ -114,10 +126,35 @@ class Settings:
     control_socket: str | None = None
     # SHOAL_ALLOW_WEAK_COOKIE=1: accept a short or guessable cookie (throwaway tests only).
     allow_weak_cookie: bool = False
+    # Several nodes per host: a node listens on the first free port of
+    # `ports` (SHOAL_PORT, SHOAL_PORT + 1, ...), claimed by `mesh.claim_port`,
+    # which sets `own_port`; 0 means SHOAL_PORT itself (one node per host).
+    nodes_per_host: int = 1
+    own_port: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.basename}@{self.host}"
+        return self.peer(self.basename, self.host, self.listen_port).name
+
+    @property
+    def listen_port(self) -> int:
+        """The port this node listens on and advertises."""
+        return self.own_port or self.port
+
+    @property
+    def ports(self) -> range:
+        """The mesh ports of a host: SHOAL_PORT only, unless SHOAL_NODES_PER_HOST > 1."""
+        return range(self.port, self.port + self.nodes_per_host)
+
+    def peer(self, basename: str, host: str, port: int) -> Peer:
+        """The node at host:port, named as it names itself: the port is part of the
+        name on the other ports of the range only, so one node per host keeps
+        `basename@host`."""
+        return Peer(basename, host, port, port != self.port and port in self.ports)
+
+    def peers_on(self, basename: str, host: str) -> list[Peer]:
+        """Every node `basename` may run on `host`: one per port of the range."""
+        return [self.peer(basename, host, port) for port in self.ports]
 
     def with_overrides(self, **changes: Any) -> Settings:
         settings = replace(self, **changes)
@@ -132,6 +169,17 @@ class Settings:
         _check_basename("NODE_NAME_QUERY", self.name_query)
         _check_port("SHOAL_PORT", self.port)
         _check_port("SHOAL_GOSSIP_PORT", self.gossip_port)
+        if not 1 <= self.nodes_per_host <= MAX_NODES_PER_HOST:
+            raise ConfigError(
+                f"SHOAL_NODES_PER_HOST={self.nodes_per_host}: expected 1 to {MAX_NODES_PER_HOST}."
+            )
+        if self.port + self.nodes_per_host - 1 > 65535:
+            raise ConfigError(
+                f"SHOAL_PORT={self.port} with SHOAL_NODES_PER_HOST={self.nodes_per_host} "
+                "goes past port 65535: lower SHOAL_PORT."
+            )
+        if self.own_port and self.own_port not in self.ports:
+            raise ConfigError(f"own_port={self.own_port} is outside SHOAL_PORT's range.")
         if self.topology not in TOPOLOGIES:
             raise ConfigError(
                 f"TOPOLOGY_TYPE={self.topology!r} is unknown: use one of "
@@ -215,6 +263,7 @@ class Settings:
             basename=basename,
             host=host,
             port=port,
+            nodes_per_host=_int(env, "SHOAL_NODES_PER_HOST", 1),
             topology=topology,
             discovery_endpoint=env.get("SERVICE_DISCOVERY_ENDPOINT") or "ecs.local",
             name_query=env.get("NODE_NAME_QUERY") or basename,
@@ -327,6 +376,22 @@ def primary_address() -> str:
         return "127.0.0.1"
     finally:
         probe.close()
+
+
+def join_host_port(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 address in brackets (`[fd00::1]:4371`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_node_name(name: str, port: int) -> tuple[str, str, int]:
+    """(basename, host, port) of `basename@host` or `basename@host:port`.
+
+    `port` is the port a name without one stands for. Raises ConfigError when
+    the part after `@` is not `host` or `host:port`.
+    """
+    basename, _, rest = name.partition("@")
+    host, port = _split_host_port(rest, port)
+    return basename, host, port
 
 
 def _split_host_port(text: str, default_port: int) -> tuple[str, int]:

@@ -13,16 +13,19 @@ and both sides reach the same decision without another round trip.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
+import os
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from shoal import admission, crypto, wire
-from shoal.config import Peer, Settings
+from shoal.config import ConfigError, Peer, Settings, join_host_port, split_node_name
 from shoal.metrics import MeshStats
 
 log = logging.getLogger("shoal.mesh")
@@ -39,7 +42,14 @@ WRITE_BATCH = 64 * 1024
 # Bytes an unauthenticated peer may have buffered before we stop reading from it:
 # one maximal handshake frame and its header.
 HANDSHAKE_BUFFER = wire.MAX_HANDSHAKE_FRAME + wire.HEADER.size
+LISTEN_BACKLOG = 512
 CLOSED_DURING_HANDSHAKE = "connection closed during handshake"
+# Several nodes per host: a port of the range where no node of ours answered
+# (refused, or another node) is probed again after 1 s, then 2, 4, ... up to
+# this; a newcomer dials everybody itself, so the back-off delays no join.
+MAX_PROBE_BACKOFF = 30.0
+# (host, port) pairs remembered for the back-off; more are forgotten at once.
+MAX_PROBE_BACKOFF_ENTRIES = 4096
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,59 @@ class MembershipEvent:
 
 class NodeDown(ConnectionError):
     """The peer is not connected (or the connection was lost while waiting)."""
+
+
+class WrongNode(wire.HandshakeError):
+    """The dialed address is another node than the one expected."""
+
+
+@dataclass(frozen=True)
+class ClaimedPort:
+    """A listening socket on the port a node claimed, and the process that claimed it."""
+
+    sock: socket.socket
+    pid: int
+
+
+def claim_port(settings: Settings) -> tuple[Settings, ClaimedPort | None]:
+    """Several nodes per host: listen on the first free port of `settings.ports`.
+
+    The node's name depends on its port, so the port is claimed when the node
+    is made, not when it starts. Bind plus listen is atomic between processes
+    (one socket listens on a port), so workers started at once get distinct
+    ports and names. With one node per host (the default) nothing happens
+    here: `Mesh.start` binds SHOAL_PORT as it always did.
+    """
+    if settings.nodes_per_host == 1 or settings.own_port:
+        return settings, None
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            settings.host, settings.port, type=socket.SOCK_STREAM
+        )[0]
+    except OSError as exc:
+        raise ConfigError(f"NODE_HOST={settings.host!r} cannot be resolved: {exc}") from None
+    for port in settings.ports:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address[0], port, *address[2:]))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                continue
+            raise ConfigError(
+                f"cannot listen on {join_host_port(settings.host, port)} for the mesh "
+                f"({exc.strerror}): is NODE_HOST an address of this host?"
+            ) from None
+        sock.setblocking(False)
+        return replace(settings, own_port=port), ClaimedPort(sock, os.getpid())
+    last = settings.port + settings.nodes_per_host - 1
+    raise ConfigError(
+        f"SHOAL_NODES_PER_HOST={settings.nodes_per_host}: every mesh port "
+        f"{settings.port}-{last} on {settings.host} is in use (that many nodes already run "
+        "on this host?); raise SHOAL_NODES_PER_HOST on every node of the cluster."
+    )
 
 
 class Connection(asyncio.Protocol):
@@ -321,9 +384,13 @@ class Mesh:
         settings: Settings,
         on_frame: Callable[[str, list[Any]], None],
         on_event: Callable[[MembershipEvent], None],
+        claimed: ClaimedPort | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.name
+        self._claimed = claimed  # the listening socket of `claim_port`, used by `start`
+        # Several nodes per host: (host, port) -> (no probe before, last delay).
+        self._probe_backoff: dict[tuple[str, int], tuple[float, float]] = {}
         self.incarnation = wire.new_incarnation()
         self._key = b""  # wire.cookie_key(cookie), computed off the loop by `start`
         self._on_frame = on_frame
@@ -349,24 +416,38 @@ class Mesh:
         # scrypt takes tens of ms (more on a loaded machine); in a thread it does
         # not stall other nodes or an app sharing this loop. Cached afterwards.
         self._key = await asyncio.to_thread(wire.cookie_key, self.settings.cookie)
-        try:
+        # TLS is layered on in the handshake task (`_start_tls`), so that its
+        # deadline, the pending-handshake cap and the bad-peer log cover the TLS
+        # handshake too.
+        claimed, self._claimed = self._claimed, None
+        if claimed is not None:
+            if claimed.pid != os.getpid():
+                claimed.sock.close()  # this process's copy; the claiming process keeps its own
+                raise OSError(
+                    errno.EADDRINUSE,
+                    f"{self.name} claimed its mesh port in process {claimed.pid}, not in this "
+                    "one (forked after the Node was made, e.g. gunicorn --preload?): make "
+                    "the Node in each worker process",
+                )
             self._server = await loop.create_server(
-                lambda: self._accepted(),
-                host=self.settings.host,
-                port=self.settings.port,
-                # TLS is layered on in the handshake task (`_start_tls`), so that
-                # its deadline, the pending-handshake cap and the bad-peer log
-                # cover the TLS handshake too.
-                reuse_address=True,
-                backlog=512,
+                lambda: self._accepted(), sock=claimed.sock, backlog=LISTEN_BACKLOG
             )
-        except OSError as exc:
-            raise OSError(
-                exc.errno,
-                f"cannot listen on {self.settings.host}:{self.settings.port} for the mesh "
-                f"({exc.strerror}); is another node using SHOAL_PORT={self.settings.port} "
-                "on this NODE_HOST?",
-            ) from None
+        else:
+            try:
+                self._server = await loop.create_server(
+                    lambda: self._accepted(),
+                    host=self.settings.host,
+                    port=self.settings.listen_port,
+                    reuse_address=True,
+                    backlog=LISTEN_BACKLOG,
+                )
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"cannot listen on {self.settings.host}:{self.settings.listen_port} for "
+                    f"the mesh ({exc.strerror}); is another node using "
+                    f"SHOAL_PORT={self.settings.listen_port} on this NODE_HOST?",
+                ) from None
         self._ticker = asyncio.create_task(self._tick(), name="shoal-mesh-heartbeat")
 
     async def stop(self) -> None:
@@ -397,14 +478,23 @@ class Mesh:
         return sorted(self.connections)
 
     # discovery entry point -------------------------------------------------
-    def propose(self, peers: Iterable[Peer]) -> None:
-        """Dial every proposed peer we are not connected (or connecting) to."""
+    def propose(self, peers: Iterable[Peer], *, known: bool = False) -> None:
+        """Dial every proposed peer we are not connected (or connecting) to.
+
+        `known`: a node is there (a peer's member list says so, or the app asks
+        `connect`); discovery's proposals of a range's ports are probes, backed
+        off where no node of ours answered (`_probe_failed`).
+        """
         if self._stopping:
             return
+        now = time.monotonic()
         for peer in peers:
             if peer.basename != self.settings.name_query or peer.name == self.name:
                 continue
             if peer.name in self.connections or peer.name in self._dialing:
+                continue
+            backoff = self._probe_backoff.get((peer.host, peer.port))
+            if backoff is not None and not known and now < backoff[0]:
                 continue
             if len(self._dialing) >= admission.MAX_CONCURRENT_DIALS:
                 log.debug(
@@ -461,8 +551,13 @@ class Mesh:
                 if not conn.transport.is_closing():
                     conn.abort()
             where = f"{peer.name} at {peer.host}:{peer.port}"
+            probing = self.settings.nodes_per_host > 1
+            if probing and isinstance(exc, ConnectionRefusedError | WrongNode):
+                self._probe_failed(peer)
             if isinstance(exc, wire.HandshakeError) and "duplicate" in str(exc):
                 log.debug("dial to %s superseded by its own dial", peer.name)
+            elif probing and isinstance(exc, WrongNode):
+                log.debug("probe of %s: %s", where, exc)  # a node of another service
             elif isinstance(exc, wire.HandshakeError):
                 self.stats.handshake_failed(str(exc))
                 log.warning("handshake with %s failed: %s", where, exc, extra={"peer": peer.name})
@@ -471,14 +566,25 @@ class Mesh:
                 log.warning("TLS handshake with %s failed: %s", where, exc)
             else:
                 log.debug("cannot reach %s: %r", where, exc)
+        else:
+            self._probe_backoff.pop((peer.host, peer.port), None)
         finally:
             self._superseded.discard(peer.name)
+
+    def _probe_failed(self, peer: Peer) -> None:
+        """No node of ours at this port of the range: probe it less often."""
+        if len(self._probe_backoff) >= MAX_PROBE_BACKOFF_ENTRIES:
+            self._probe_backoff.clear()  # forgetting costs only extra probes
+        key = (peer.host, peer.port)
+        _, delay = self._probe_backoff.get(key, (0.0, 0.5))
+        delay = min(2 * delay, MAX_PROBE_BACKOFF)
+        self._probe_backoff[key] = (time.monotonic() + delay, delay)
 
     async def _dialer_handshake(self, conn: Connection, peer: Peer) -> None:
         hello = wire.Hello(
             wire.PROTOCOL_VERSION,
             self.name,
-            self.settings.port,
+            self.settings.listen_port,
             self.incarnation,
             wire.new_nonce(),
             peer.name,
@@ -488,7 +594,7 @@ class Mesh:
         challenge = wire.parse_challenge(await conn.next_handshake_frame())
         if challenge.name != peer.name:
             conn.reject("wrong node")
-            raise wire.HandshakeError(f"expected {peer.name}, found {wire.safe(challenge.name)}")
+            raise WrongNode(f"expected {peer.name}, found {wire.safe(challenge.name)}")
         conn.send_handshake(wire.make_proof(self._key, hello, challenge))
         wire.verify_welcome(self._key, hello, challenge, await conn.next_handshake_frame())
         if peer.name in self._superseded or peer.name in self.connections or self._stopping:
@@ -600,18 +706,22 @@ class Mesh:
             # bounded well inside our own deadline for this handshake.
             await asyncio.wait([dialing], timeout=self.settings.handshake_timeout / 2)
         basename = hello.name.partition("@")[0]
+        host = self._host_of(hello)
         reason = None
         if hello.expected is not None and hello.expected != self.name:
             reason = "wrong node"
         elif basename != self.settings.name_query:
             reason = "basename not in cluster"
+        elif host is None:
+            reason = "name does not match its port (SHOAL_PORT or SHOAL_NODES_PER_HOST differ)"
         elif hello.encrypt != self._encrypt:
             reason = "encryption setting differs (SHOAL_TLS_* or mesh encryption)"
         elif self._stopping:
             reason = "stopping"
         else:
             reason = self._duplicate_check(hello)
-        if reason is not None:
+        if reason is not None or host is None:
+            reason = reason or "malformed name"
             log.debug("rejecting %s from %s: %s", hello.name, conn.address, reason)
             conn.reject(reason)
             return
@@ -621,9 +731,19 @@ class Mesh:
                 self._key, hello, self.name, self.incarnation, nonce
             )
             conn.secure(to_dialer, to_acceptor)
-        self._establish(
-            conn, hello.name, hello.incarnation, hello.name.partition("@")[2], hello.port
-        )
+        self._establish(conn, hello.name, hello.incarnation, host, hello.port)
+
+    def _host_of(self, hello: wire.Hello) -> str | None:
+        """The host in a dialer's name, if that is the name its port gives it (else None).
+
+        `basename@host` on SHOAL_PORT (or with one node per host), else
+        `basename@host:port`: the address a member list then spreads.
+        """
+        try:
+            basename, host, _ = split_node_name(hello.name, hello.port)
+        except ConfigError:
+            return None
+        return host if self.settings.peer(basename, host, hello.port).name == hello.name else None
 
     def _duplicate_check(self, hello: wire.Hello) -> str | None:
         """Decide whether an authenticated inbound connection may replace what we have."""
@@ -678,7 +798,7 @@ class Mesh:
 
     def _announce_members(self) -> None:
         members = [[c.peer_name, c.peer_host, c.peer_port] for c in self.connections.values()]
-        members.append([self.name, self.settings.host, self.settings.port])
+        members.append([self.name, self.settings.host, self.settings.listen_port])
         self.broadcast([wire.MEMBERS, members])
 
     def dispatch(self, conn: Connection, frame: Any) -> None:
@@ -710,17 +830,18 @@ class Mesh:
                 and len(item) == 3
                 and type(item[0]) is str
                 and type(item[1]) is str
-                and item[2] == self.settings.port  # our mesh port, never another
                 and type(item[2]) is int
+                and item[2] in self.settings.ports  # our mesh ports, never another
             ):
-                basename, _, host = item[0].partition("@")
+                basename = item[0].partition("@")[0]
+                peer = self.settings.peer(basename, item[1], item[2])
                 if (
                     basename == self.settings.name_query
-                    and host == item[1]
-                    and admission.learned_address_allowed(host, self.settings.host)
+                    and peer.name == item[0]
+                    and admission.learned_address_allowed(peer.host, self.settings.host)
                 ):
-                    peers.append(Peer(basename, host, self.settings.port))
-        self.propose(peers)
+                    peers.append(peer)
+        self.propose(peers, known=True)
 
     def report_bad_peer(self, conn: Connection, why: str) -> None:
         """Log a dropped peer; unauthenticated ones at most once per second (floods)."""

@@ -21,7 +21,7 @@ from shoal.control import ControlServer
 from shoal.discovery import Strategy, strategy_for
 from shoal.jobs import ClusterJobs
 from shoal.lag import LagMonitor
-from shoal.mesh import MembershipEvent, Mesh, NodeDown
+from shoal.mesh import MembershipEvent, Mesh, NodeDown, claim_port
 from shoal.messaging import Handler, Messaging, Subscription
 from shoal.scheduler import Scheduler
 from shoal.singleton import Service, SingletonFunc, Singletons
@@ -37,6 +37,8 @@ class Node:
 
     def __init__(self, settings: Settings, strategy: Strategy | None = None) -> None:
         settings.validate()
+        # Several nodes per host: the name carries the port claimed here (shoal.mesh).
+        settings, self._claimed_port = claim_port(settings)
         self.settings = settings
         self.name = settings.name
         self.started_at = time.time()
@@ -77,7 +79,8 @@ class Node:
             raise ConfigError(
                 f"TLS on the mesh needs asyncio's event loop: {shoal.loop.TLS_REASON}"
             )
-        self.mesh = Mesh(self.settings, self.messaging.on_frame, self._membership_changed)
+        claimed, self._claimed_port = self._claimed_port, None
+        self.mesh = Mesh(self.settings, self.messaging.on_frame, self._membership_changed, claimed)
         self.messaging.mesh = self.mesh
         await self.mesh.start()
         self.lag.start()
@@ -105,7 +108,7 @@ class Node:
             "node %s listening on %s:%d (topology %s, %s loop, cookie %s)",
             self.name,
             self.settings.host,
-            self.settings.port,
+            self.settings.listen_port,
             self.settings.topology,
             shoal.loop.name(),
             self.cookie_fingerprint,
@@ -114,6 +117,9 @@ class Node:
     async def stop(self) -> None:
         """Leave gracefully: hand over what this node runs, tell peers, close."""
         if self.mesh is None:
+            if self._claimed_port is not None:  # never started: free the port it claimed
+                self._claimed_port.sock.close()
+                self._claimed_port = None
             return
         self.draining = True
         # Hand over first (the handover gap is what peers wait for), then drain the rest.
@@ -205,6 +211,7 @@ class Node:
     async def connect(self, target: str) -> str:
         """Connect to `name@host`, `host` or `host:port`; returns the peer's name once up."""
         (peer,) = parse_hosts(target, self.settings.name_query, self.settings.port)
+        peer = self.settings.peer(peer.basename, peer.host, peer.port)  # `name@host:port`
         if peer.name in self.nodes():
             return peer.name
         event = asyncio.Event()
@@ -213,7 +220,7 @@ class Node:
         )
         try:
             assert self.mesh is not None
-            self.mesh.propose([peer])
+            self.mesh.propose([peer], known=True)
             async with asyncio.timeout(self.settings.handshake_timeout + 1):
                 await event.wait()
         except TimeoutError:

@@ -16,7 +16,9 @@ or as the pytest fixture `dns_server` (see `tests.support.fixtures`).
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterable
 from types import TracebackType
@@ -212,3 +214,22 @@ class LocalDNSServer:
         with self._lock:
             key = (_key(qname), qtype)
             self.queries[key] = self.queries.get(key, 0) + 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tests.support.dns_server HOST NAME IP...`: serve NAME's records on HOST.
+
+    For a server inside a network-namespace host (`Host.popen`): prints `port N`
+    once it serves, and stops on SIGTERM, or by itself after 10 minutes.
+    """
+    host, name, *ips = sys.argv[1:] if argv is None else argv
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with LocalDNSServer(host) as dns:
+        dns.set_records(name, ips)
+        print(f"port {dns.port}", flush=True)
+        stop.wait(600)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from shoal.config import ConfigError, Peer, Settings
-from shoal.discovery.base import Propose, poll_forever
+from shoal.discovery.base import Propose, host_peers, poll_forever
 from shoal.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,7 @@ class CloudMapStrategy:
         return self._peers(response)
 
     def _peers(self, response: Any) -> list[Peer]:
-        own = _normalize(self.settings.host)
-        peers: dict[Peer, None] = {}
+        ips: dict[str, None] = {}
         for instance in response.get("Instances") or []:
             attributes = instance.get("Attributes") or {}
             address = attributes.get("AWS_INSTANCE_IPV4") or attributes.get("AWS_INSTANCE_IPV6")
@@ -107,13 +106,5 @@ class CloudMapStrategy:
             except ValueError:
                 log.debug("Cloud Map discovery: instance %r has no IP attribute", instance)
                 continue
-            if ip != own:
-                peers[Peer(self.settings.name_query, ip, self.settings.port)] = None
-        return list(peers)
-
-
-def _normalize(host: str) -> str:
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return host
+            ips[ip] = None
+        return host_peers(self.settings, ips)

@@ -20,7 +20,7 @@ import dns.rdatatype
 import dns.resolver
 
 from shoal.config import Peer, Settings
-from shoal.discovery.base import Propose, poll_forever
+from shoal.discovery.base import Propose, host_peers, poll_forever
 from shoal.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ class DNSPollStrategy:
             )
             return []
         self._problems.recovered("DNS discovery: %s answers again", endpoint)
-        own = _normalize(self.settings.host)
-        peers = [Peer(self.settings.name_query, ip, self.settings.port) for ip in ips if ip != own]
+        peers = host_peers(self.settings, ips)
         log.debug("DNS discovery: %s -> %s", endpoint, ips)
         return peers
 
@@ -183,10 +182,3 @@ async def _lookup(resolver: dns.asyncresolver.Resolver, name: str, lifetime: flo
         for rdata in answer:
             ips.add(ipaddress.ip_address(rdata.address))
     return [str(ip) for ip in sorted(ips, key=lambda ip: (ip.version, ip))]
-
-
-def _normalize(host: str) -> str:
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return host

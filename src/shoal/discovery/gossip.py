@@ -206,7 +206,7 @@ class GossipStrategy:
         beacon = Beacon(
             self.settings.basename,
             self.settings.host,
-            self.settings.port,
+            self.settings.listen_port,
             time.time(),
             os.urandom(NONCE_SIZE),
         )
@@ -227,7 +227,8 @@ class GossipStrategy:
         except BeaconError as exc:
             self._drop(exc.kind, addr, str(exc))
             return
-        if beacon.host == _normalize(self.settings.host) and beacon.port == self.settings.port:
+        own_port = self.settings.listen_port
+        if beacon.host == _normalize(self.settings.host) and beacon.port == own_port:
             return  # our own beacon, looped back
         if not self._fresh_nonce(beacon):
             self._drop("replay", addr, "nonce seen before")
@@ -240,13 +241,13 @@ class GossipStrategy:
                 self.settings.name_query,
             )
             return
-        if beacon.port != self.settings.port or not learned_address_allowed(
+        if beacon.port not in self.settings.ports or not learned_address_allowed(
             beacon.host, self.settings.host
         ):
-            # Dial policy (shoal.admission): our mesh port only, no loopback etc.
+            # Dial policy (shoal.admission): our mesh ports only, no loopback etc.
             self._drop("policy", addr, f"will not dial {beacon.host}:{beacon.port}")
             return
-        peer = Peer(beacon.basename, beacon.host, beacon.port)
+        peer = self.settings.peer(beacon.basename, beacon.host, beacon.port)
         if peer not in self._heard and len(self._heard) >= MAX_LEARNED_PEERS:
             self._drop("too-many", addr, f"already {len(self._heard)} peers heard")
             return
