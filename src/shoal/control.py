@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from shoal.messaging import RemoteError
 from shoal.scheduler import SchedulerError
 
 if TYPE_CHECKING:
@@ -364,8 +365,8 @@ def _jobs(node: Node, args: list[str]) -> Any:
 async def _run_job(node: Node, args: list[str]) -> Any:
     name = _one_arg("run-job", args, what="job name")
     try:
-        return await node.jobs.run_now(name)
-    except SchedulerError as exc:
+        return (await node.jobs.run_now(name)).to_wire()
+    except (SchedulerError, RemoteError) as exc:
         raise CommandError(str(exc)) from None
 
 

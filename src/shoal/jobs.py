@@ -142,19 +142,23 @@ class ClusterJobs:
         digest = hashlib.sha256(f"{job}\x00{tick.isoformat()}".encode()).digest()
         return members[int.from_bytes(digest[:8], "big") % len(members)]
 
-    async def run_now(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
+    async def run_now(self, name: str, timeout: float = 60.0) -> RunResult:
         """Run job `name` now: a cluster job on the current leader (so `overlap=False`
-        holds cluster-wide), any other job here. Returns the run's result."""
+        holds cluster-wide), any other job here. Returns the run's `RunResult`, as
+        `Scheduler.run_now` does (a failed run too, with status "error"/"timeout")."""
         job = self.scheduler.find_job(name)
         target = (self.leader or self.node.name) if job.is_cluster else self.node.name
         return await self.run_on(target, name, timeout)
 
-    async def run_on(self, node: str, name: str, timeout: float = 60.0) -> dict[str, Any]:
-        """Run job `name` now on `node` (this one included); returns the run's result."""
+    async def run_on(self, node: str, name: str, timeout: float = 60.0) -> RunResult:
+        """Run job `name` now on `node` (this one included); returns the run's `RunResult`.
+
+        On a peer, its scheduler's errors (`JobNotFound`, `JobRunning`, ...) arrive as a
+        `RemoteError` whose `type_name` is the error's class name."""
         if node == self.node.name:
-            return (await self.scheduler.run_now(name)).to_wire()
-        reply: dict[str, Any] = await self.node.call(node, RUN_HANDLER, name, timeout=timeout)
-        return reply
+            return await self.scheduler.run_now(name)
+        reply = await self.node.call(node, RUN_HANDLER, name, timeout=timeout)
+        return RunResult.from_wire(reply)
 
     async def _on_run_request(self, name: Any, _sender: str) -> dict[str, Any]:
         if not isinstance(name, str):
