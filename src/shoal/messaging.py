@@ -85,6 +85,8 @@ class RemoteError(RuntimeError):
 
 def error_to_wire(exc: BaseException) -> list[str]:
     """What a failed REPLY carries: the exception's type name and message."""
+    if isinstance(exc, RemoteError):
+        return [exc.type_name, exc.message]
     return [type(exc).__name__, str(exc)]
 
 
