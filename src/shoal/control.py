@@ -41,13 +41,15 @@ import sys
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from shoal.messaging import RemoteError
 from shoal.scheduler import SchedulerError
 
 if TYPE_CHECKING:
-    from shoal.node import Node
+    from shoal.config import Settings
+    from shoal.jobs import ClusterJobs
+    from shoal.scheduler import Scheduler
 
 log = logging.getLogger("shoal.control")
 
@@ -56,7 +58,29 @@ MAX_LINE = 1024 * 1024
 # A control command that takes longer than this fails instead of hanging the client.
 COMMAND_TIMEOUT = 30.0
 
-Command = Callable[["Node", list[str]], Any]
+
+class ControlHost(Protocol):
+    """What the control socket uses of its node: a `shoal.Node` is one."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def scheduler(self) -> Scheduler: ...
+    @property
+    def jobs(self) -> ClusterJobs: ...
+
+    def nodes(self) -> list[str]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def ping(self, node: str, timeout: float = 5.0) -> float: ...
+
+    async def connect(self, target: str) -> str: ...
+
+
+Command = Callable[[ControlHost, list[str]], Any]
 
 
 class CommandError(Exception):
@@ -94,7 +118,7 @@ def socket_path_for(node_name: str) -> Path:
     return socket_dir() / f"{node_name.replace('/', '_')}.sock"
 
 
-def node_socket_path(node: Node) -> Path:
+def node_socket_path(node: ControlHost) -> Path:
     """`settings.control_socket` (`SHOAL_CONTROL_SOCKET`) or the per-user default."""
     configured = node.settings.control_socket
     return Path(configured) if configured else socket_path_for(node.name)
@@ -191,7 +215,7 @@ def _clear_stale(path: Path) -> None:
 class ControlServer:
     """Serves the control protocol for one node on its unix socket."""
 
-    def __init__(self, node: Node, path: str | Path | None = None) -> None:
+    def __init__(self, node: ControlHost, path: str | Path | None = None) -> None:
         self.node = node
         self.path = Path(path) if path is not None else node_socket_path(node)
         self.commands: dict[str, tuple[Command, str]] = dict(COMMANDS)
@@ -328,17 +352,17 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 # the built-in commands -----------------------------------------------------------
 @command("status", "this node: name, peers, readiness, topology, cookie fingerprint")
-def _status(node: Node, args: list[str]) -> Any:
+def _status(node: ControlHost, args: list[str]) -> Any:
     return node.status()
 
 
 @command("nodes", "connected peers, sorted")
-def _nodes(node: Node, args: list[str]) -> Any:
+def _nodes(node: ControlHost, args: list[str]) -> Any:
     return node.nodes()
 
 
 @command("ping", "ping NODE: round trip to a connected peer")
-async def _ping(node: Node, args: list[str]) -> Any:
+async def _ping(node: ControlHost, args: list[str]) -> Any:
     target = _one_arg("ping", args)
     if target != node.name and target not in node.nodes():
         raise CommandError(f"{target} is not connected to {node.name} (try `shoal connect`)")
@@ -347,7 +371,7 @@ async def _ping(node: Node, args: list[str]) -> Any:
 
 
 @command("connect", "connect NODE: dial name@host, host or host:port and wait until it is up")
-async def _connect(node: Node, args: list[str]) -> Any:
+async def _connect(node: ControlHost, args: list[str]) -> Any:
     target = _one_arg("connect", args)
     try:
         name = await node.connect(target)
@@ -357,12 +381,12 @@ async def _connect(node: Node, args: list[str]) -> Any:
 
 
 @command("jobs", "cron jobs: schedule, last run, next run, where it ran")
-def _jobs(node: Node, args: list[str]) -> Any:
+def _jobs(node: ControlHost, args: list[str]) -> Any:
     return node.scheduler.jobs_snapshot()
 
 
 @command("run-job", "run-job NAME: run a job now (cluster jobs run on the current leader)")
-async def _run_job(node: Node, args: list[str]) -> Any:
+async def _run_job(node: ControlHost, args: list[str]) -> Any:
     name = _one_arg("run-job", args, what="job name")
     try:
         return (await node.jobs.run_now(name)).to_wire()
@@ -454,7 +478,7 @@ class RemoteSession:
     """One `shoal remote` client: lines in, output out, code run on the node's loop."""
 
     def __init__(
-        self, node: Node, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, node: ControlHost, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         import shoal
 

@@ -23,14 +23,16 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shoal.scheduler import Job, JobState, RunResult, Scheduler
-from shoal.singleton import SingletonContext
+from shoal.singleton import Service, SingletonContext, SingletonFunc, Singletons
 
 if TYPE_CHECKING:
-    from shoal.node import Node
+    from shoal.mesh import MembershipEvent
+    from shoal.messaging import Handler, Messaging
 
 log = logging.getLogger("shoal.jobs")
 
@@ -39,10 +41,35 @@ STATE_HANDLER = "shoal.jobs.state"
 RUN_HANDLER = "shoal.jobs.run"
 
 
+class JobsHost(Protocol):
+    """What `ClusterJobs` uses of its node: a `shoal.Node` is one."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def messaging(self) -> Messaging: ...
+    @property
+    def singletons(self) -> Singletons: ...
+
+    def nodes(self) -> list[str]: ...
+
+    def register(
+        self, name: str, handler: Handler, *, sync_to_thread: bool | None = None
+    ) -> None: ...
+
+    def add_listener(self, listener: Callable[[MembershipEvent], None]) -> Callable[[], None]: ...
+
+    def add_singleton(
+        self, name: str, target: SingletonFunc | Service, mode: str | None = None
+    ) -> None: ...
+
+    async def call(self, node: str, handler: str, payload: Any, timeout: float = 5.0) -> Any: ...
+
+
 class ClusterJobs:
     """Connects a node's `Scheduler` to the cluster. Reached as `node.jobs`."""
 
-    def __init__(self, node: Node, scheduler: Scheduler) -> None:
+    def __init__(self, node: JobsHost, scheduler: Scheduler) -> None:
         self.node = node
         self.scheduler = scheduler
         self._lead: SingletonContext | None = None
