@@ -6,6 +6,7 @@ is one place to look when tuning a cluster.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -285,7 +286,7 @@ def _check_types(settings: Settings) -> None:
     """Refuse a field of the wrong type at construction (`hosts="a@b"` is a str, not Peers)."""
     for item in fields(settings):
         value = getattr(settings, item.name)
-        expected = _FIELD_TYPES[item.name]
+        expected = _field_types()[item.name]
         if not _has_type(value, expected):
             var = _FIELD_VARS.get(item.name)
             hint = f" (the setting of {var})" if var else ""
@@ -337,7 +338,10 @@ def _type_name(expected: Any) -> str:
     return getattr(expected, "__name__", str(expected))
 
 
-_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Settings)
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Settings' field types (resolved on first use: it costs a few ms)."""
+    return typing.get_type_hints(Settings)
 
 
 def parse_hosts(text: str, default_basename: str, port: int) -> tuple[Peer, ...]:
