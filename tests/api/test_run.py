@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,36 @@ def test_an_app_that_fails_stops_the_node_and_raises(tmp_path: Path) -> None:
         out = proc.output()
         assert "RuntimeError: the app failed" in out and "node stopping" in out, out
         assert "run returned" not in out
+
+
+async def test_nested_signal_handlers_give_the_signal_back_to_the_outer_block() -> None:
+    """`shoal.asgi.serve` inside `shoal.run`: uvicorn's drain gets the signals while it
+    runs, and the runner has its handler back afterwards (not the default: exit 143)."""
+    import asyncio
+    import os
+
+    from shoal.loop import signal_handlers
+
+    got: list[tuple[str, int]] = []
+    arrived = asyncio.Event()
+
+    def record(who: str) -> Callable[[int], None]:
+        def on_signal(signum: int) -> None:
+            got.append((who, signum))
+            arrived.set()
+
+        return on_signal
+
+    async def signal_self() -> None:
+        # Without a handler this would end the test run: fail cleanly instead.
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "no handler left"
+        arrived.clear()
+        os.kill(os.getpid(), signal.SIGTERM)
+        async with asyncio.timeout(5):
+            await arrived.wait()
+
+    with signal_handlers(record("outer")):
+        with signal_handlers(record("inner")):
+            await signal_self()
+        await signal_self()
+    assert got == [("inner", signal.SIGTERM), ("outer", signal.SIGTERM)]
