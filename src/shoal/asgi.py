@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 
 from shoal.drain import ASGIApp, Drain
+from shoal.loop import signal_handlers
 
 log = logging.getLogger("shoal.asgi")
 
@@ -42,15 +43,8 @@ class DrainingServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGINT, signal.SIGTERM)
-        for sig in signals:
-            loop.add_signal_handler(sig, self.on_signal, sig)
-        try:
+        with signal_handlers(self.on_signal):
             yield
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
 
     def on_signal(self, sig: int) -> None:
         self.signalled = True

@@ -6,13 +6,16 @@ is one place to look when tuning a cluster.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
 import socket
+import types
+import typing
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from shoal import crypto
@@ -63,16 +66,23 @@ class TLSFiles:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a node needs. Build with `Settings.from_env()` or directly."""
+    """Everything a node needs. Build with `Settings.from_env()` or directly.
+
+    Built directly, the defaults are those of `from_env`: `name_query` follows
+    `basename`, and an empty `host` is detected as `from_env` does when
+    `NODE_HOST` is unset (the ECS task metadata, else the primary address).
+    Construction validates every field, types included, with a `ConfigError`
+    that names the field and its variable.
+    """
 
     cookie: str = field(repr=False)
     basename: str = "hi"
-    host: str = "127.0.0.1"
+    host: str = ""
     port: int = 4370
     topology: str = "dns"
     # DNS polling (and Cloud Map) discovery.
     discovery_endpoint: str = "ecs.local"
-    name_query: str = "hi"
+    name_query: str = ""  # empty: the basename
     polling_interval: float = 1.0
     dns_server: tuple[str, int] | None = None
     # Gossip discovery: TTL 1 keeps beacons on the local segment.
@@ -131,6 +141,16 @@ class Settings:
     # which sets `own_port`; 0 means SHOAL_PORT itself (one node per host).
     nodes_per_host: int = 1
     own_port: int = 0
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if not self.name_query:
+            object.__setattr__(self, "name_query", self.basename)
+        if not self.host:
+            host = detect_host(os.environ)
+            _check_host("NODE_HOST", host)
+            object.__setattr__(self, "host", host)
+        self.validate()
 
     @property
     def name(self) -> str:
@@ -293,9 +313,84 @@ class Settings:
             allow_weak_cookie=_flag(env, "SHOAL_ALLOW_WEAK_COOKIE"),
         )
         values.update(overrides)
-        settings = cls(**values)
-        settings.validate()
-        return settings
+        return cls(**values)  # validated by __post_init__
+
+
+# Each field's variable, for messages about a value built in code.
+_FIELD_VARS = {
+    "cookie": "RELEASE_COOKIE",
+    "basename": "NODE_NAME",
+    "host": "NODE_HOST",
+    "port": "SHOAL_PORT",
+    "topology": "TOPOLOGY_TYPE",
+    "discovery_endpoint": "SERVICE_DISCOVERY_ENDPOINT",
+    "name_query": "NODE_NAME_QUERY",
+    "polling_interval": "POLLING_INTERVAL",
+    "dns_server": "SHOAL_DNS_SERVER",
+    "hosts": "SHOAL_HOSTS",
+}
+
+
+def _check_types(settings: Settings) -> None:
+    """Refuse a field of the wrong type at construction (`hosts="a@b"` is a str, not Peers)."""
+    for item in fields(settings):
+        value = getattr(settings, item.name)
+        expected = _field_types()[item.name]
+        if not _has_type(value, expected):
+            var = _FIELD_VARS.get(item.name)
+            hint = f" (the setting of {var})" if var else ""
+            shown = "a value" if item.name in ("cookie", "lease_dsn") else repr(value)
+            extra = ""
+            if item.name == "hosts":
+                extra = (
+                    '; parse a string with shoal.config.parse_hosts("app@10.0.0.2,app@10.0.0.3",'
+                    " basename, port)"
+                )
+            raise ConfigError(
+                f"Settings({item.name}=...){hint} must be {_type_name(expected)}, "
+                f"not {type(value).__name__} {shown}{extra}."
+            )
+
+
+def _has_type(value: Any, expected: Any) -> bool:
+    if expected is Any:
+        return True
+    if isinstance(expected, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    origin = typing.get_origin(expected)
+    if origin is tuple:
+        args = typing.get_args(expected)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_has_type(v, args[0]) for v in value)
+        return len(value) == len(args) and all(map(_has_type, value, args))
+    if expected is float:  # an int is a fine number of seconds
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _type_name(expected: Any) -> str:
+    if isinstance(expected, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(expected))
+    if expected is type(None):
+        return "None"
+    if typing.get_origin(expected) is tuple:
+        args = typing.get_args(expected)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a tuple of {_type_name(args[0])}"
+        return f"a tuple ({', '.join(_type_name(a) for a in args)})"
+    return getattr(expected, "__name__", str(expected))
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Settings' field types (resolved on first use: it costs a few ms)."""
+    return typing.get_type_hints(Settings)
 
 
 def parse_hosts(text: str, default_basename: str, port: int) -> tuple[Peer, ...]:

@@ -41,13 +41,16 @@ import sys
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from shoal.jobdefs import parse_options
+from shoal.messaging import RemoteError
 from shoal.scheduler import SchedulerError
 
 if TYPE_CHECKING:
-    from shoal.node import Node
+    from shoal.config import Settings
+    from shoal.jobs import ClusterJobs
+    from shoal.scheduler import Scheduler
 
 log = logging.getLogger("shoal.control")
 
@@ -56,7 +59,29 @@ MAX_LINE = 1024 * 1024
 # A control command that takes longer than this fails instead of hanging the client.
 COMMAND_TIMEOUT = 30.0
 
-Command = Callable[["Node", list[str]], Any]
+
+class ControlHost(Protocol):
+    """What the control socket uses of its node: a `shoal.Node` is one."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def scheduler(self) -> Scheduler: ...
+    @property
+    def jobs(self) -> ClusterJobs: ...
+
+    def nodes(self) -> list[str]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def ping(self, node: str, timeout: float = 5.0) -> float: ...
+
+    async def connect(self, target: str) -> str: ...
+
+
+Command = Callable[[ControlHost, list[str]], Any]
 
 
 class CommandError(Exception):
@@ -94,7 +119,7 @@ def socket_path_for(node_name: str) -> Path:
     return socket_dir() / f"{node_name.replace('/', '_')}.sock"
 
 
-def node_socket_path(node: Node) -> Path:
+def node_socket_path(node: ControlHost) -> Path:
     """`settings.control_socket` (`SHOAL_CONTROL_SOCKET`) or the per-user default."""
     configured = node.settings.control_socket
     return Path(configured) if configured else socket_path_for(node.name)
@@ -191,7 +216,7 @@ def _clear_stale(path: Path) -> None:
 class ControlServer:
     """Serves the control protocol for one node on its unix socket."""
 
-    def __init__(self, node: Node, path: str | Path | None = None) -> None:
+    def __init__(self, node: ControlHost, path: str | Path | None = None) -> None:
         self.node = node
         self.path = Path(path) if path is not None else node_socket_path(node)
         self.commands: dict[str, tuple[Command, str]] = dict(COMMANDS)
@@ -328,17 +353,17 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 # the built-in commands -----------------------------------------------------------
 @command("status", "this node: name, peers, readiness, topology, cookie fingerprint")
-def _status(node: Node, args: list[str]) -> Any:
+def _status(node: ControlHost, args: list[str]) -> Any:
     return node.status()
 
 
 @command("nodes", "connected peers, sorted")
-def _nodes(node: Node, args: list[str]) -> Any:
+def _nodes(node: ControlHost, args: list[str]) -> Any:
     return node.nodes()
 
 
 @command("ping", "ping NODE: round trip to a connected peer")
-async def _ping(node: Node, args: list[str]) -> Any:
+async def _ping(node: ControlHost, args: list[str]) -> Any:
     target = _one_arg("ping", args)
     if target != node.name and target not in node.nodes():
         raise CommandError(f"{target} is not connected to {node.name} (try `shoal connect`)")
@@ -347,7 +372,7 @@ async def _ping(node: Node, args: list[str]) -> Any:
 
 
 @command("connect", "connect NODE: dial name@host, host or host:port and wait until it is up")
-async def _connect(node: Node, args: list[str]) -> Any:
+async def _connect(node: ControlHost, args: list[str]) -> Any:
     target = _one_arg("connect", args)
     try:
         name = await node.connect(target)
@@ -357,16 +382,16 @@ async def _connect(node: Node, args: list[str]) -> Any:
 
 
 @command("jobs", "cron jobs: schedule, last run, next run, where it ran")
-def _jobs(node: Node, args: list[str]) -> Any:
+def _jobs(node: ControlHost, args: list[str]) -> Any:
     return node.jobs.snapshot()
 
 
 @command("run-job", "run-job NAME: run a job now (cluster jobs run on the current leader)")
-async def _run_job(node: Node, args: list[str]) -> Any:
+async def _run_job(node: ControlHost, args: list[str]) -> Any:
     name = _one_arg("run-job", args, what="job name")
     try:
-        return await node.jobs.run_now(name)
-    except SchedulerError as exc:
+        return (await node.jobs.run_now(name)).to_wire()
+    except (SchedulerError, RemoteError) as exc:
         raise CommandError(str(exc)) from None
 
 
@@ -375,7 +400,7 @@ async def _run_job(node: Node, args: list[str]) -> Any:
     "jobs-add NAME SCHEDULE TASK [KEY=VALUE ...]: define a job on every node "
     "(options: tz, overlap, timeout, misfire, run_strategy, day_match, max_attempts, backoff)",
 )
-async def _jobs_add(node: Node, args: list[str]) -> Any:
+async def _jobs_add(node: ControlHost, args: list[str]) -> Any:
     if len(args) < 3:
         raise CommandError("jobs-add takes NAME SCHEDULE TASK [KEY=VALUE ...]")
     name, schedule, task, *pairs = args
@@ -386,7 +411,7 @@ async def _jobs_add(node: Node, args: list[str]) -> Any:
         raise CommandError(str(exc)) from None
 
 
-async def _jobs_change(node: Node, verb: str, args: list[str]) -> Any:
+async def _jobs_change(node: ControlHost, verb: str, args: list[str]) -> Any:
     name = _one_arg(f"jobs-{verb}", args, what="job name")
     change = {"remove": node.jobs.remove, "pause": node.jobs.pause, "resume": node.jobs.resume}
     try:
@@ -396,22 +421,22 @@ async def _jobs_change(node: Node, verb: str, args: list[str]) -> Any:
 
 
 @command("jobs-remove", "jobs-remove NAME: remove a run-time job from every node")
-async def _jobs_remove(node: Node, args: list[str]) -> Any:
+async def _jobs_remove(node: ControlHost, args: list[str]) -> Any:
     return await _jobs_change(node, "remove", args)
 
 
 @command("jobs-pause", "jobs-pause NAME: stop a job ticking on every node")
-async def _jobs_pause(node: Node, args: list[str]) -> Any:
+async def _jobs_pause(node: ControlHost, args: list[str]) -> Any:
     return await _jobs_change(node, "pause", args)
 
 
 @command("jobs-resume", "jobs-resume NAME: let a paused job tick again on every node")
-async def _jobs_resume(node: Node, args: list[str]) -> Any:
+async def _jobs_resume(node: ControlHost, args: list[str]) -> Any:
     return await _jobs_change(node, "resume", args)
 
 
 @command("jobs-history", "jobs-history NAME [LIMIT]: the job's last runs on any node, newest first")
-def _jobs_history(node: Node, args: list[str]) -> Any:
+def _jobs_history(node: ControlHost, args: list[str]) -> Any:
     if not 1 <= len(args) <= 2 or (len(args) == 2 and not args[1].isdigit()):
         raise CommandError("jobs-history takes NAME [LIMIT]")
     limit = int(args[1]) if len(args) == 2 else 50
@@ -505,7 +530,7 @@ class RemoteSession:
     """One `shoal remote` client: lines in, output out, code run on the node's loop."""
 
     def __init__(
-        self, node: Node, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, node: ControlHost, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         import shoal
 

@@ -25,11 +25,6 @@ import string
 import struct
 from collections import Counter
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 # scrypt cost: about 50 ms and 16 MiB once per process, and per guess for an attacker.
 SCRYPT_N = 2**14
 SCRYPT_R = 8
@@ -132,6 +127,11 @@ def cookie_weakness(cookie: str) -> str | None:
 
 def session_keys(master: bytes, transcript: bytes) -> tuple[bytes, bytes]:
     """(dialer->acceptor key, acceptor->dialer key) for one connection."""
+    # Imported here, as in Sealer and Opener: only a connection needs cryptography, and
+    # importing it costs about as much as the rest of `import shoal`.
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     material = HKDF(
         algorithm=hashes.SHA256(),
         length=2 * KEY_SIZE,
@@ -145,6 +145,8 @@ class Sealer:
     """Encrypts one direction of a connection: bytes in, records out."""
 
     def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self._encrypt = AESGCM(key).encrypt
         self._counter = 0
 
@@ -168,7 +170,11 @@ class Opener:
     """
 
     def __init__(self, key: bytes) -> None:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self._decrypt = AESGCM(key).decrypt
+        self._invalid_tag = InvalidTag
         self._counter = 0
         self._buffer = bytearray()
 
@@ -197,6 +203,7 @@ class Opener:
         offset = 0
         size = len(data)
         decrypt = self._decrypt
+        invalid_tag = self._invalid_tag
         with memoryview(data) as view:  # released before the buffer is resized
             while size - offset >= 4:
                 (length,) = _header_unpack_from(data, offset)
@@ -207,7 +214,7 @@ class Opener:
                     break
                 try:
                     out.append(decrypt(_NONCE.pack(self._counter), view[offset + 4 : end], None))
-                except InvalidTag:
+                except invalid_tag:
                     raise AuthenticationError("record failed authentication") from None
                 self._counter += 1
                 offset = end

@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from shoal.history import RunHistory, RunRecord
 from shoal.jobdefs import JobDef, JobDefs, check_options
@@ -45,10 +45,12 @@ from shoal.scheduler import (
     RunResult,
     Scheduler,
 )
-from shoal.singleton import SingletonContext
+from shoal.singleton import Service, SingletonContext, SingletonFunc, Singletons
 
 if TYPE_CHECKING:
-    from shoal.node import Node
+    from shoal.config import Settings
+    from shoal.mesh import MembershipEvent
+    from shoal.messaging import Handler, Messaging
 
 log = logging.getLogger("shoal.jobs")
 
@@ -64,10 +66,39 @@ BATCH = 100  # definitions or run records per message
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class JobsHost(Protocol):
+    """What `ClusterJobs` uses of its node: a `shoal.Node` is one."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def messaging(self) -> Messaging: ...
+    @property
+    def singletons(self) -> Singletons: ...
+    @property
+    def settings(self) -> Settings: ...
+
+    def nodes(self) -> list[str]: ...
+
+    def on_stop(self, hook: Callable[[], Any]) -> None: ...
+
+    def register(
+        self, name: str, handler: Handler, *, sync_to_thread: bool | None = None
+    ) -> None: ...
+
+    def add_listener(self, listener: Callable[[MembershipEvent], None]) -> Callable[[], None]: ...
+
+    def add_singleton(
+        self, name: str, target: SingletonFunc | Service, mode: str | None = None
+    ) -> None: ...
+
+    async def call(self, node: str, handler: str, payload: Any, timeout: float = 5.0) -> Any: ...
+
+
 class ClusterJobs:
     """Connects a node's `Scheduler` to the cluster. Reached as `node.jobs`."""
 
-    def __init__(self, node: Node, scheduler: Scheduler) -> None:
+    def __init__(self, node: JobsHost, scheduler: Scheduler) -> None:
         self.node = node
         self.scheduler = scheduler
         self._lead: SingletonContext | None = None
@@ -237,19 +268,23 @@ class ClusterJobs:
         digest = hashlib.sha256(f"{job}\x00{tick.isoformat()}".encode()).digest()
         return members[int.from_bytes(digest[:8], "big") % len(members)]
 
-    async def run_now(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
+    async def run_now(self, name: str, timeout: float = 60.0) -> RunResult:
         """Run job `name` now: a cluster job on the current leader (so `overlap=False`
-        holds cluster-wide), any other job here. Returns the run's result."""
+        holds cluster-wide), any other job here. Returns the run's `RunResult`, as
+        `Scheduler.run_now` does (a failed run too, with status "error"/"timeout")."""
         job = self.scheduler.find_job(name)
         target = (self.leader or self.node.name) if job.is_cluster else self.node.name
         return await self.run_on(target, name, timeout)
 
-    async def run_on(self, node: str, name: str, timeout: float = 60.0) -> dict[str, Any]:
-        """Run job `name` now on `node` (this one included); returns the run's result."""
+    async def run_on(self, node: str, name: str, timeout: float = 60.0) -> RunResult:
+        """Run job `name` now on `node` (this one included); returns the run's `RunResult`.
+
+        On a peer, its scheduler's errors (`JobNotFound`, `JobRunning`, ...) arrive as a
+        `RemoteError` whose `type_name` is the error's class name."""
         if node == self.node.name:
-            return (await self.scheduler.run_now(name)).to_wire()
-        reply: dict[str, Any] = await self.node.call(node, RUN_HANDLER, name, timeout=timeout)
-        return reply
+            return await self.scheduler.run_now(name)
+        reply = await self.node.call(node, RUN_HANDLER, name, timeout=timeout)
+        return RunResult.from_wire(reply)
 
     async def _on_run_request(self, name: Any, _sender: str) -> dict[str, Any]:
         if not isinstance(name, str):

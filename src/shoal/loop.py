@@ -17,9 +17,11 @@ imported, asyncio's loop when SHOAL_TLS_* is set, see TLS_REASON), `uvloop`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
-from collections.abc import Callable, Coroutine, Mapping
+import signal
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
 from shoal.config import ConfigError
@@ -102,3 +104,41 @@ def name(loop: asyncio.AbstractEventLoop | None = None) -> str:
     """ "uvloop" or "asyncio": which loop `loop` (default: the running one) is."""
     loop = loop or asyncio.get_running_loop()
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+#: The signals that stop a node gracefully: SIGTERM (ECS, Kubernetes, docker stop) and
+#: SIGINT (Ctrl-C).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+# The callbacks of nested `signal_handlers` blocks, innermost last, per loop.
+_handlers: dict[asyncio.AbstractEventLoop, list[Callable[[int], None]]] = {}
+
+
+@contextlib.contextmanager
+def signal_handlers(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """Call `on_signal(signum)` on the running loop for SIGTERM and SIGINT, while inside.
+
+    One place for shoal's signal handling (`shoal.run` and `shoal.asgi.serve`): no
+    KeyboardInterrupt, no default exit; the caller decides how to stop. Blocks nest:
+    the innermost gets the signals, and the enclosing one gets them back after it.
+    """
+    loop = asyncio.get_running_loop()
+    stack = _handlers.setdefault(loop, [])
+    stack.append(on_signal)
+    _install(loop, on_signal)
+    try:
+        yield
+    finally:
+        stack.remove(on_signal)
+        if stack:
+            _install(loop, stack[-1])
+        else:
+            del _handlers[loop]
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+
+def _install(loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None]) -> None:
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)

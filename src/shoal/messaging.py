@@ -45,8 +45,49 @@ class CallTimeout(TimeoutError):
     """No reply within the call's timeout."""
 
 
+class WaitTimeout(TimeoutError):
+    """A wait (`wait_for`, `wait_for_nodes`) timed out; the message says what and how long."""
+
+    def __init__(self, message: str, timeout: float, topic: str | None = None) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+        self.topic = topic
+
+
 class RemoteError(RuntimeError):
-    """The remote handler raised, or there was no such handler."""
+    """The called handler raised, or there was no such handler.
+
+    Raised the same way whether the handler ran on a peer or on this node:
+    `type_name` is the handler's exception type (`"ValueError"`, or
+    `"NoHandler"`), `message` its text, and `str(err)` shows both. On a local
+    call the original exception is also chained as `__cause__`.
+    """
+
+    def __init__(self, message: str, type_name: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.type_name = type_name or type(self).__name__
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}"
+
+    @classmethod
+    def from_wire(cls, value: Any) -> RemoteError:
+        """The error of a failed REPLY: `[type_name, message]`, or a plain string (older nodes)."""
+        if (
+            isinstance(value, list | tuple)
+            and len(value) == 2
+            and all(isinstance(v, str) for v in value)
+        ):
+            return cls(value[1], value[0])
+        return cls(str(value))
+
+
+def error_to_wire(exc: BaseException) -> list[str]:
+    """What a failed REPLY carries: the exception's type name and message."""
+    if isinstance(exc, RemoteError):
+        return [exc.type_name, exc.message]
+    return [type(exc).__name__, str(exc)]
 
 
 class Busy(RemoteError):
@@ -197,7 +238,13 @@ class Messaging:
         call_id = next(self._ids)
         frame = self._encode([wire.CALL, call_id, handler, payload])
         if node == self.node_name:
-            return await asyncio.wait_for(self._local_call(handler, payload), timeout)
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self._local_call(handler, payload)
+            except TimeoutError:
+                raise CallTimeout(
+                    f"{handler!r} on {node} did not reply within {timeout} s"
+                ) from None
         conn = self._mesh.connection_to(node)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = (future, node)
@@ -241,13 +288,19 @@ class Messaging:
         timeout: float,
         match: Callable[[Any], bool] | None = None,
     ) -> Any:
-        """The first payload published on `topic` (anywhere) that `match`es, or TimeoutError."""
+        """The first payload published on `topic` (anywhere) that `match`es; `WaitTimeout`
+        (a `TimeoutError` naming the topic and the seconds) when none came in time."""
         with self.subscribe(topic) as subscription:
-            async with asyncio.timeout(timeout):
-                while True:
-                    payload, _ = await subscription.get()
-                    if match is None or match(payload):
-                        return payload
+            try:
+                async with asyncio.timeout(timeout):
+                    while True:
+                        payload, _ = await subscription.get()
+                        if match is None or match(payload):
+                            return payload
+            except TimeoutError:
+                raise WaitTimeout(
+                    f"no message on topic {topic!r} matched within {timeout:g} s", timeout, topic
+                ) from None
 
     # receiving (called by the mesh) -----------------------------------------
     def on_frame(self, sender: str, frame: list[Any]) -> None:
@@ -263,8 +316,10 @@ class Messaging:
                     entry[0].set_result(frame[3])
                 else:
                     kind = frame[2] if isinstance(frame[2], str) else None
-                    error = _REPLY_ERRORS.get(kind, RemoteError)
-                    entry[0].set_exception(error(str(frame[3])))
+                    error = _REPLY_ERRORS.get(kind)
+                    entry[0].set_exception(
+                        RemoteError.from_wire(frame[3]) if error is None else error(str(frame[3]))
+                    )
         elif kind == wire.PUBLISH and len(frame) == 3 and isinstance(frame[1], str):
             self._deliver(frame[1], frame[2], sender)
         else:
@@ -286,7 +341,7 @@ class Messaging:
         entry = self._handlers.get(name)
         if entry is None:
             log.debug("no handler %r for a message from %s", name, sender)
-            self._reply(sender, call_id, False, f"no handler named {name!r} on {self.node_name}")
+            self._reply(sender, call_id, False, error_to_wire(self._no_handler(name)))
             return
         handler, mode = entry
         if mode != _INLINE and sender != self.node_name:
@@ -303,7 +358,7 @@ class Messaging:
                 result = handler(payload, sender)
         except Exception as exc:
             log.exception("handler %r failed on a message from %s", name, sender)
-            self._reply(sender, call_id, False, f"{type(exc).__name__}: {exc}")
+            self._reply(sender, call_id, False, error_to_wire(exc))
             return
         # `inspect.isawaitable` is slow; plain data (the common case) is not awaitable.
         if mode == _INLINE and (type(result) in _PLAIN or not inspect.isawaitable(result)):
@@ -323,7 +378,7 @@ class Messaging:
                 value = await value
         except Exception as exc:
             log.exception("handler %r failed on a message from %s", name, sender)
-            self._reply(sender, call_id, False, f"{type(exc).__name__}: {exc}")
+            self._reply(sender, call_id, False, error_to_wire(exc))
         else:
             self._reply(sender, call_id, True, value)
         finally:
@@ -368,29 +423,39 @@ class Messaging:
             log.warning("reply of handler call %d to %s not sent: %s", call_id, sender, exc)
             data = self._encode([wire.REPLY, call_id, "too_large", f"the reply: {exc}"])
         except TypeError as exc:
-            data = self._encode(
-                [wire.REPLY, call_id, False, f"reply is not msgpack-serialisable: {exc}"]
-            )
+            error = TypeError(f"reply is not msgpack-serialisable: {exc}")
+            data = self._encode([wire.REPLY, call_id, False, error_to_wire(error)])
         conn.send_encoded(data)
 
     async def _local_call(self, name: str, payload: Any) -> Any:
+        """A call to this node: the handler runs as for a peer's call and fails the same way,
+        with `RemoteError` (the original exception chained as `__cause__`)."""
         entry = self._handlers.get(name)
         if entry is None:
-            raise RemoteError(f"no handler named {name!r} on {self.node_name}")
+            raise self._no_handler(name)
         handler, mode = entry
-        if mode == _THREAD:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._worker_threads(), handler, payload, self.node_name
-            )
-        else:
-            result = handler(payload, self.node_name)
-        if inspect.isawaitable(result):
-            result = await result
+        try:
+            if mode == _THREAD:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self._worker_threads(), handler, payload, self.node_name
+                )
+            else:
+                result = handler(payload, self.node_name)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            log.exception("handler %r failed on a message from %s", name, self.node_name)
+            raise RemoteError(str(exc), type(exc).__name__) from exc
         try:
             self._encode([wire.REPLY, 0, True, result])  # same rules as a remote call
         except MessageTooLarge as exc:
             raise ReplyTooLarge(f"the reply: {exc}") from None
+        except TypeError as exc:
+            raise RemoteError(f"reply is not msgpack-serialisable: {exc}", "TypeError") from None
         return result
+
+    def _no_handler(self, name: str) -> RemoteError:
+        return RemoteError(f"no handler named {name!r} on {self.node_name}", "NoHandler")
 
     @property
     def _mesh(self) -> Mesh:

@@ -12,19 +12,21 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import shoal.loop
 from shoal import logs, wire
 from shoal.config import ConfigError, Peer, Settings, parse_hosts
-from shoal.control import ControlServer
 from shoal.discovery import Strategy, strategy_for
 from shoal.jobs import ClusterJobs
 from shoal.lag import LagMonitor
 from shoal.mesh import MembershipEvent, Mesh, NodeDown, claim_port
-from shoal.messaging import Handler, Messaging, Subscription
+from shoal.messaging import Handler, Messaging, Subscription, WaitTimeout
 from shoal.scheduler import Scheduler
 from shoal.singleton import Service, SingletonFunc, Singletons
+
+if TYPE_CHECKING:
+    from shoal.control import ControlServer
 
 log = logging.getLogger("shoal.node")
 
@@ -96,6 +98,8 @@ class Node:
         self._discovery_task = asyncio.create_task(
             self._run_discovery(strategy), name="shoal-discovery"
         )
+        from shoal.control import ControlServer  # only a started node has a control socket
+
         self.control = ControlServer(self)
         try:
             await self.control.start()
@@ -184,6 +188,29 @@ class Node:
     def nodes(self) -> list[str]:
         """Connected peers' full names, sorted (this node not included)."""
         return self.mesh.peers if self.mesh is not None else []
+
+    async def wait_for_nodes(self, n: int, timeout: float) -> list[str]:
+        """Wait until at least `n` peers are connected (this node not counted); returns them.
+
+        Raises `WaitTimeout` (a `TimeoutError`) saying how many of the `n` were connected
+        when `timeout` seconds had passed."""
+        changed = asyncio.Event()
+        remove = self.add_listener(lambda _event: changed.set())
+        try:
+            async with asyncio.timeout(timeout):
+                while len(self.nodes()) < n:
+                    changed.clear()
+                    await changed.wait()
+        except TimeoutError:
+            seen = self.nodes()
+            raise WaitTimeout(
+                f"{len(seen)} of {n} peers connected to {self.name} within {timeout:g} s: "
+                f"{', '.join(seen) or 'none'}",
+                timeout,
+            ) from None
+        finally:
+            remove()
+        return self.nodes()
 
     def add_listener(self, listener: MembershipListener) -> Callable[[], None]:
         """Call `listener` on every node up/down event; returns a function that removes it."""

@@ -40,8 +40,11 @@ from shoal.quorum import Acceptor, Ballot, majority, parse_ballot
 from shoal.ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
+    from shoal.config import Settings
+    from shoal.lag import LagMonitor
     from shoal.lease import LeaseBackend
-    from shoal.node import Node
+    from shoal.mesh import Mesh
+    from shoal.messaging import Handler, Messaging
 
 log = logging.getLogger("shoal.singleton")
 
@@ -54,6 +57,34 @@ CHECK_INTERVAL = 0.1
 RESTART_DELAY = 1.0
 
 
+class SingletonHost(Protocol):
+    """What `Singletons` uses of its node: a `shoal.Node` is one. A test may pass
+    another object with these members, so this module reads and tests on its own."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def messaging(self) -> Messaging: ...
+    @property
+    def mesh(self) -> Mesh | None: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def lag(self) -> LagMonitor: ...
+
+    def nodes(self) -> list[str]: ...
+
+    def register(
+        self, name: str, handler: Handler, *, sync_to_thread: bool | None = None
+    ) -> None: ...
+
+    def add_listener(self, listener: Callable[[MembershipEvent], None]) -> Callable[[], None]: ...
+
+    async def call(self, node: str, handler: str, payload: Any, timeout: float = 5.0) -> Any: ...
+
+
 @dataclass
 class SingletonContext:
     """What a running singleton task gets: its name, mode, fencing token and validity."""
@@ -61,7 +92,8 @@ class SingletonContext:
     name: str
     mode: str
     token: int
-    node: Node
+    #: The node running the singleton (the app's `shoal.Node`).
+    node: SingletonHost
     _valid: Callable[[], bool] = field(repr=False, default=lambda: True)
     _confirm: Callable[[], Awaitable[bool]] | None = field(repr=False, default=None)
 
@@ -127,7 +159,7 @@ class _Singleton:
 class Singletons:
     """The singletons of one node. Reached as `node.singletons`."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: SingletonHost) -> None:
         self.node = node
         self.settings = node.settings
         self._items: dict[str, _Singleton] = {}

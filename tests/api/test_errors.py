@@ -1,0 +1,121 @@
+"""One way to fail: a handler that raises gives RemoteError, on a peer or on this node;
+timeouts say what timed out; run_now has one result type."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from shoal import (
+    CallTimeout,
+    JobNotFound,
+    RemoteError,
+    RunContext,
+    RunResult,
+    WaitTimeout,
+)
+from tests.mesh.conftest import NodeFactory, peer_of
+
+
+async def pair(make_node: NodeFactory) -> tuple[Any, Any]:
+    a = await make_node()
+    b = await make_node(peers=[peer_of(a)])
+    await a.wait_for_nodes(1, timeout=10)
+    await b.wait_for_nodes(1, timeout=10)
+    return a, b
+
+
+def fails(payload: Any, _sender: str) -> Any:
+    raise ValueError(f"bad payload {payload!r}")
+
+
+async def fails_async(payload: Any, _sender: str) -> Any:
+    raise KeyError(payload)
+
+
+async def test_a_handler_error_is_a_remote_error_with_its_type_on_a_peer_and_locally(
+    make_node: NodeFactory,
+) -> None:
+    a, b = await pair(make_node)
+    b.register("fails", fails)
+    b.register("fails_async", fails_async)
+    for caller in (a, b):  # a peer's call and a local call raise the same way
+        with pytest.raises(RemoteError) as raised:
+            await caller.call(b.name, "fails", 7)
+        assert raised.value.type_name == "ValueError"
+        assert raised.value.message == "bad payload 7"
+        assert str(raised.value) == "ValueError: bad payload 7"
+        with pytest.raises(RemoteError) as raised:
+            await caller.call(b.name, "fails_async", "k")
+        assert (raised.value.type_name, str(raised.value)) == ("KeyError", "KeyError: 'k'")
+        with pytest.raises(RemoteError) as raised:
+            await caller.call(b.name, "missing", None)
+        assert raised.value.type_name == "NoHandler"
+        assert f"no handler named 'missing' on {b.name}" in str(raised.value)
+    # Locally, the original exception is kept as the cause.
+    with pytest.raises(RemoteError) as raised:
+        await b.call(b.name, "fails", 1)
+    assert isinstance(raised.value.__cause__, ValueError)
+
+
+async def test_a_remote_error_from_an_older_node_is_a_plain_message() -> None:
+    old = RemoteError.from_wire("ValueError: boom")
+    assert (old.type_name, str(old)) == ("RemoteError", "RemoteError: ValueError: boom")
+    new = RemoteError.from_wire(["ValueError", "boom"])
+    assert (new.type_name, new.message) == ("ValueError", "boom")
+
+
+async def test_a_local_call_that_times_out_raises_call_timeout(make_node: NodeFactory) -> None:
+    a = await make_node()
+
+    async def slow(_payload: Any, _sender: str) -> None:
+        await asyncio.sleep(5)
+
+    a.register("slow", slow)
+    with pytest.raises(CallTimeout, match=r"'slow' on .* did not reply within 0.2 s"):
+        await a.call(a.name, "slow", None, timeout=0.2)
+
+
+async def test_wait_for_and_wait_for_nodes_say_what_timed_out(make_node: NodeFactory) -> None:
+    a = await make_node()
+    with pytest.raises(WaitTimeout, match=r"no message on topic 'orders' matched within 0.2 s"):
+        await a.wait_for("orders", timeout=0.2)
+    with pytest.raises(TimeoutError, match=r"0 of 2 peers connected to .* within 0.2 s: none"):
+        await a.wait_for_nodes(2, timeout=0.2)
+
+
+async def test_wait_for_nodes_returns_once_enough_peers_are_connected(
+    make_node: NodeFactory,
+) -> None:
+    a = await make_node()
+    waiting = asyncio.ensure_future(a.wait_for_nodes(2, timeout=15))
+    b = await make_node(peers=[peer_of(a)])
+    await asyncio.sleep(0)
+    assert not waiting.done()  # one peer is not two
+    c = await make_node(peers=[peer_of(a)])
+    assert sorted(await waiting) == sorted([b.name, c.name])
+    with pytest.raises(WaitTimeout, match=r"2 of 3 peers"):
+        await a.wait_for_nodes(3, timeout=0.2)
+
+
+async def test_run_now_returns_a_run_result_here_and_on_a_peer(make_node: NodeFactory) -> None:
+    a, b = await pair(make_node)
+    for node in (a, b):
+
+        @node.job("0 0 1 1 *", name="report", run_strategy="local")
+        async def report(ctx: RunContext) -> None:
+            assert ctx.job == "report"
+
+    here = await a.jobs.run_now("report")
+    there = await a.jobs.run_on(b.name, "report")
+    assert isinstance(here, RunResult) and isinstance(there, RunResult)
+    assert (here.node, here.status) == (a.name, "ok")
+    assert (there.node, there.status) == (b.name, "ok")
+    assert type(await a.scheduler.run_now("report")) is type(here)  # the scheduler's type
+    with pytest.raises(JobNotFound):
+        await a.jobs.run_now("nope")
+    with pytest.raises(RemoteError) as raised:
+        await a.jobs.run_on(b.name, "nope")
+    assert raised.value.type_name == "JobNotFound"
