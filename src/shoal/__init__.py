@@ -69,3 +69,12 @@ __all__ = [
     "WaitTimeout",
     "run",
 ]
+
+
+def __getattr__(name: str) -> str:
+    """`shoal.__version__`, looked up on first use (importlib.metadata is not free)."""
+    if name == "__version__":
+        from shoal._version import version
+
+        return version()
+    raise AttributeError(f"module 'shoal' has no attribute {name!r}")

@@ -98,8 +98,8 @@ def test_a_fresh_venv_with_the_wheel_runs_the_cli_and_has_no_hi(
     installed = run(
         python,
         "-c",
-        "import importlib.util as u, shoal, shoal._version as v; "
-        "print(v.version(), u.find_spec('hi') is None, u.find_spec('typer') is None)",
+        "import importlib.util as u, shoal; "
+        "print(shoal.__version__, u.find_spec('hi') is None, u.find_spec('typer') is None)",
     )
     assert installed.stdout.split() == [VERSION, "True", "True"]
     assert not (venv / "bin" / "hi").exists()
