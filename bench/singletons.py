@@ -187,7 +187,7 @@ def main() -> None:
     row(
         "takeover after silent partition, quorum mode",
         "not available (needs root)" if partition is None else f"{partition:.2f} s",
-        "<= 5 s",
+        "<= 3 s",
     )
     row(
         f"graceful handover gap ({args.rounds} runs)",

@@ -158,6 +158,7 @@ class Connection(asyncio.Protocol):
         self._out_size = 0
         self._loop = loop
         self._flush_scheduled = False
+        self._receiving = False  # dispatching received frames: hold replies for one write
         self._writable = asyncio.Event()
         self._writable.set()
         self.paused_since: float | None = None  # monotonic; while the peer is behind
@@ -195,7 +196,7 @@ class Connection(asyncio.Protocol):
             return
         # Decoded and handled with the GC paused, so a frame of many small
         # objects costs one pass over them, not one collection per 700.
-        with wire.gc_paused():
+        with wire.gc_paused(len(data)):
             try:
                 if self._opener is not None:
                     data = self._opener.open(data)
@@ -204,11 +205,16 @@ class Connection(asyncio.Protocol):
                 self.mesh.report_bad_peer(self, str(exc))
                 self.abort()
                 return
-            self._dispatch(frames)
+            # Replies to what we read are queued (`send_encoded`) and go out
+            # below, in one write (one record), rather than one loop iteration
+            # later: a call's round trip is shorter.
+            self._receiving = True
+            try:
+                self._dispatch(frames)
+            finally:
+                self._receiving = False
             del frames  # freed now, before the GC resumes and would scan them
         if self._out:
-            # Replies to what we just read go out now, in one write, rather
-            # than one loop iteration later: a call's round trip is shorter.
             self._write_out()
 
     def _dispatch(self, frames: list[Any]) -> None:
@@ -248,12 +254,13 @@ class Connection(asyncio.Protocol):
         stats.bytes_sent += len(data)
         if not self._flush_scheduled:
             # The first frame of this loop iteration goes out at once (a lone
-            # call or reply waits for nothing); the ones that follow it in the
-            # same iteration are batched into one write by `_flush`. Encrypted,
-            # it waits for them instead: one record (one seal) per iteration.
+            # call waits for nothing); the ones that follow it in the same
+            # iteration are batched into one write (one record, one seal, when
+            # encrypted) by `_flush`. Frames queued while received frames are
+            # dispatched (replies) go out together at the end of `data_received`.
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-            if self._sealer is None:
+            if not self._receiving:
                 self._write(data)
                 return
         self._out.append(data)
@@ -291,8 +298,12 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         if self._sealer is None:
             self.transport.write(data)
+            return
+        records = self._sealer.seal(data)
+        if len(records) == 1:
+            self.transport.write(records[0])  # cheaper than writelines, on uvloop too
         else:
-            self.transport.writelines(self._sealer.seal(data))
+            self.transport.writelines(records)
 
     def drop(self, why: str) -> None:
         """Abort a peer that is alive but not reading; it is down as soon as the loop runs."""

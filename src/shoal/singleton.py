@@ -145,7 +145,6 @@ class _Singleton:
     claimed_at: float = 0.0
     token: int = 0
     task: asyncio.Task[None] | None = None
-    holder_lost_at: float = 0.0  # monotonic; quorum mode waits after losing a holder
     lease_valid_until: float = 0.0  # monotonic
     lease_task: asyncio.Task[None] | None = None
     retry_at: float = 0.0  # monotonic; after a crash, not before this
@@ -307,13 +306,23 @@ class Singletons:
             for name in state.held:
                 item = self._items.get(name)
                 if item is not None:
-                    item.holder_lost_at = time.monotonic()
                     log.info("singleton %s: holder %s is down (%s)", name, event.node, event.reason)
         self._reconcile()
 
     # decisions -----------------------------------------------------------------
     def _holders_of(self, name: str, item: _Singleton | None) -> list[tuple[float, str]]:
-        holders = [(s.held[name], peer) for peer, s in self._peers.items() if name in s.held]
+        """(claimed at, node) of the holders we know of, oldest claim first.
+
+        In quorum mode a holder we have not heard from for the confirmation window
+        no longer counts: it has stepped down by now (it lost its majority), or
+        could not have renewed, so claimants need not wait for the failure
+        detector (3 s by default) to call it down."""
+        fresh = self._fresh_peers() if item is not None and item.mode == "quorum" else None
+        holders = [
+            (s.held[name], peer)
+            for peer, s in self._peers.items()
+            if name in s.held and (fresh is None or peer in fresh)
+        ]
         if item is not None and item.holding:
             holders.append((item.claimed_at, self.node.name))
         return sorted(holders)
@@ -336,17 +345,27 @@ class Singletons:
         "Recently" is stricter than the failure detector (one heartbeat less), so a
         cut-off holder stops before the other side can declare it down and take over.
         """
-        expected = self._expected()
+        return (len(self._fresh_peers()) + 1) * 2 > self._expected()
+
+    def _stop_margin(self) -> float:
+        """How long before its confirmation lapses a quorum holder without a newer one
+        steps down: its drain bound (and one check), but at most half of the time
+        between renewals and the lapse, so that two renewals can be tried first."""
+        renew_ahead = self.window - self.settings.heartbeat_interval
+        return min(self.drain_bound("quorum") + CHECK_INTERVAL, renew_ahead / 2)
+
+    def _drain_overrun(self) -> float:
+        """How long a stepped-down holder's task may outlive its confirmation (short
+        timeouts only: 0.1 s by default); a claimant waits that much longer."""
+        return self.drain_bound("quorum") + CHECK_INTERVAL - self._stop_margin()
+
+    def _fresh_peers(self) -> set[str]:
+        """Peers heard from within the confirmation window (failure timeout - one heartbeat)."""
         mesh = self.node.mesh
         if mesh is None:
-            return False
-        window = self.settings.failure_timeout - self.settings.heartbeat_interval
+            return set()
         now = time.monotonic()
-        peers = sum(1 for c in mesh.connections.values() if now - c.last_received < window)
-        return (peers + 1) * 2 > expected
-
-    def _quorum_delay(self) -> float:
-        return self.drain_bound("quorum") + self.settings.heartbeat_interval
+        return {p for p, c in mesh.connections.items() if now - c.last_received < self.window}
 
     @property
     def lease_backend(self) -> LeaseBackend | None:
@@ -373,7 +392,11 @@ class Singletons:
         if item.holding:
             if item.mode == "quorum" and not self._has_majority():
                 self._spawn_release(item, "lost the majority")
-            elif item.mode == "quorum" and time.monotonic() >= item.confirmed_until:
+            elif item.mode == "quorum" and time.monotonic() >= item.confirmed_until - (
+                self._stop_margin()
+            ):
+                # Early, so that the task has stopped (drain bound) about when the
+                # confirmation lapses, which is when a successor may start.
                 self._spawn_release(item, "no majority confirmation in time")
             elif item.mode != "lease" and holders and holders[0][1] != me:
                 self._spawn_release(item, f"{holders[0][1]} holds an older claim")
@@ -382,17 +405,21 @@ class Singletons:
             return
         if time.monotonic() < item.retry_at:
             return
+        fresh = self._fresh_peers() if item.mode == "quorum" else None  # as in `_holders_of`
         candidates = [me] + [
-            peer for peer, s in self._peers.items() if item.name in s.registered and not s.draining
+            peer
+            for peer, s in self._peers.items()
+            if item.name in s.registered and not s.draining and (fresh is None or peer in fresh)
         ]
         if min(candidates) != me:
             return
         if item.mode == "quorum":
             # Fresh peers only, as for keeping it: a holder that just stepped down
             # for lack of a fresh majority must not claim again on stale connections.
+            # No other wait: the promisers' answers say how long ago they confirmed
+            # the old holder, and the claim waits until that confirmation has lapsed
+            # (`_claim_quorum`); the old holder stopped its task before it lapsed.
             if not self._has_majority():
-                return
-            if time.monotonic() - item.holder_lost_at < self._quorum_delay():
                 return
             if not item.claiming:
                 item.claiming = True
@@ -638,7 +665,8 @@ class Singletons:
                 item.retry_at = time.monotonic() + CHECK_INTERVAL * 3
                 return
             ages = [r["age"] for r in replies if isinstance(r.get("age"), int | float)]
-            wait = max([self.window - float(age) for age in ages], default=0.0)
+            overrun = self._drain_overrun()
+            wait = max([self.window - float(age) + overrun for age in ages], default=0.0)
             if wait > 0:
                 log.info(
                     "singleton %s: waiting %.2f s for the previous holder's window to lapse",

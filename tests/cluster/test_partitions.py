@@ -119,7 +119,10 @@ def test_quorum_mode_cut_off_holder_stops_before_the_majority_starts(tmp_path: P
             assert max(r.started for r in cut_runs) < min(r.started for r in majority_runs)
         per_tick = runs_per_tick(nodes, cut_at - 2, now_second() - 1)
         assert all(len(r) <= 1 for r in per_tick.values()), per_tick
-        assert took_over <= 5.5, took_over  # failure timeout 3 s + quorum drain bound + margin
+        # The confirmation window (2.5 s) and two round trips, before the failure
+        # detector (3 s) would even call the holder down; 2.4-2.5 s measured, and
+        # 4.6 s when claimants waited for it (and 1.5 s more); margin for load.
+        assert took_over <= 3.5, took_over
         # The cut-off node alone has no majority: it does not run the job, and it
         # never claimed it again after stepping down.
         assert netns_holder(cut) is None

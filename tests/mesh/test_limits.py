@@ -4,6 +4,7 @@
   and a reply over it reaches the caller as `ReplyTooLarge`; no connection drops.
 - Sync handlers run in worker threads: a blocking one does not stall the node.
 - Handler calls from one peer are capped: a call over the cap gets `Busy`.
+- A call without a reply in time raises `CallTimeout`, and leaves nothing behind.
 - A peer that does not read what we send is dropped before it grows our memory,
   and a sender awaiting it does not wait for ever.
 """
@@ -18,7 +19,15 @@ from typing import Any
 
 import pytest
 
-from shoal import Busy, ConfigError, MessageTooLarge, NodeDown, RemoteError, ReplyTooLarge
+from shoal import (
+    Busy,
+    CallTimeout,
+    ConfigError,
+    MessageTooLarge,
+    NodeDown,
+    RemoteError,
+    ReplyTooLarge,
+)
 from shoal.mesh import MembershipEvent
 from shoal.node import Node
 from tests.mesh.conftest import COOKIE, NodeFactory, peer_of, settings_for
@@ -75,6 +84,27 @@ async def test_a_reply_over_the_limit_reaches_the_caller_as_reply_too_large(
         await b.call(b.name, "blob", b.settings.max_frame_size)  # a local call alike
     assert await a.call(b.name, "blob", 10) == b"x" * 10  # the connection is fine
     assert downs == []
+
+
+async def test_a_call_without_a_reply_in_time_raises_call_timeout(
+    make_node: NodeFactory,
+) -> None:
+    a, b = await pair(make_node)
+    release = asyncio.Event()
+
+    async def stuck(_payload: Any, _sender: str) -> str:
+        await release.wait()
+        return "late"
+
+    b.register("stuck", stuck)
+    started = time.monotonic()
+    with pytest.raises(CallTimeout, match=r"'stuck' on .* did not reply within 0\.3 s"):
+        await a.call(b.name, "stuck", None, timeout=0.3)
+    assert 0.25 <= time.monotonic() - started < 3
+    assert a.messaging._calls == {}  # the pending call is gone
+    release.set()  # the late reply finds no call and is dropped
+    assert await a.call(b.name, "stuck", None, timeout=5) == "late"
+    assert a.messaging._calls == {}
 
 
 async def test_a_blocking_sync_handler_runs_in_a_thread_and_the_node_stays_responsive(

@@ -22,9 +22,19 @@ import sys
 import time
 from typing import Any
 
-from fastapi.responses import JSONResponse
-from hi.app import configure_logging, create_app, http_port, max_body_bytes, serve
+from hi.app import (
+    configure_logging,
+    create_app,
+    http_port,
+    max_body_bytes,
+    query_float,
+    query_int,
+    query_str,
+    serve,
+)
 from hi.jobs import add_hi_job
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from shoal import Node, wire
 from shoal.drain import Drain
@@ -47,8 +57,9 @@ def main() -> None:
     app = create_app(node, drain, max_body_bytes(os.environ))
     tasks: set[asyncio.Task[Any]] = set()
 
-    @app.post("/probe/call")
-    async def call(node_name: str, handler: str, arg: float, call_timeout: float) -> JSONResponse:
+    async def call(request: Request) -> JSONResponse:
+        node_name, handler = query_str(request, "node_name"), query_str(request, "handler")
+        arg, call_timeout = query_float(request, "arg"), query_float(request, "call_timeout")
         started = time.monotonic()
         try:
             value = await node.call(node_name, handler, arg, timeout=call_timeout)
@@ -56,16 +67,17 @@ def main() -> None:
             return outcome(error=exc)
         return outcome({"reply": str(value)[:100], "seconds": time.monotonic() - started})
 
-    @app.post("/probe/publish")
-    async def publish(size: int) -> JSONResponse:
+    async def publish(request: Request) -> JSONResponse:
+        size = query_int(request, "size")
         try:
             await node.publish("probe", b"x" * size)
         except Exception as exc:
             return outcome(error=exc)
         return outcome()
 
-    @app.post("/probe/frames")
-    async def frames(node_name: str, case: str, count: int) -> JSONResponse:
+    async def frames(request: Request) -> JSONResponse:
+        node_name, case = query_str(request, "node_name"), query_str(request, "case")
+        count = query_int(request, "count")
         size = node.settings.max_frame_size
         envelope = b"\x93\x05\xa1t"  # [PUBLISH, "t", <the worst-case array>]
         body = envelope + dict(worst_frames(size - len(envelope)))[case]
@@ -80,8 +92,9 @@ def main() -> None:
         await node.call(node_name, "shoal.ping", None, timeout=60)
         return outcome(len(body))
 
-    @app.post("/probe/flood")
-    async def flood(node_name: str, size: int, count: int) -> JSONResponse:
+    async def flood(request: Request) -> JSONResponse:
+        node_name = query_str(request, "node_name")
+        size, count = query_int(request, "size"), query_int(request, "count")
         assert node.mesh is not None
         transport = node.mesh.connection_to(node_name).transport
         assert transport is not None
@@ -95,6 +108,13 @@ def main() -> None:
                 await asyncio.sleep(0.01)
         return outcome(count)
 
+    for path, endpoint in (
+        ("/probe/call", call),
+        ("/probe/publish", publish),
+        ("/probe/frames", frames),
+        ("/probe/flood", flood),
+    ):
+        app.add_route(path, endpoint, methods=["POST"])
     sys.exit(asyncio.run(serve(node, http_port(os.environ), drain, app=app)))
 
 
