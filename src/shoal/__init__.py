@@ -103,3 +103,8 @@ def __getattr__(name: str) -> Any:
 
         return version()
     raise AttributeError(f"module 'shoal' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """Every public name, the jobs' ones included before their first use."""
+    return sorted({*globals(), *__all__})
