@@ -22,9 +22,12 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
-import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import random
 
 log = logging.getLogger("shoal.mesh")
 
@@ -65,7 +68,11 @@ class HandshakeAdmission:
         self.per_host = per_host
         self._by_host: dict[str, collections.OrderedDict[int, Pending]] = {}
         self._total = 0
-        self._rng = rng or random.Random()
+        if rng is None:
+            import random  # here, not at the top: `import shoal` need not pay for it
+
+            rng = random.Random()
+        self._rng = rng
         self.refused = 0
         self.evicted = 0
         self._logged = -1.0

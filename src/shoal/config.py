@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import json
 import os
 import socket
 import types
 import typing
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from shoal import crypto
 
@@ -57,8 +55,7 @@ class Peer:
         return f"{self.basename}@{self.host}"
 
 
-@dataclass(frozen=True)
-class TLSFiles:
+class TLSFiles(NamedTuple):
     cert: str
     key: str
     ca: str
@@ -431,6 +428,7 @@ def ecs_task_ip(metadata_uri: str, timeout: float = 2.0) -> str:
     same list under `Containers[]`; it is accepted too, in case an operator
     points the variable there. IPv4 is preferred; IPv6 only when there is none.
     """
+    import json
     import urllib.request  # here, not at the top: only ECS needs it (3 MB, 30 ms at start)
 
     try:
@@ -592,6 +590,8 @@ def _lease_dsn(env: Mapping[str, str]) -> str | None:
 
 
 def _check_dsn(var: str, dsn: str) -> None:
+    import urllib.parse  # here: only a DSN needs it
+
     parts = urllib.parse.urlsplit(dsn)
     if parts.scheme not in ("postgres", "postgresql") or not (parts.netloc or parts.query):
         raise ConfigError(f"{var}: expected a URL like postgresql://user:password@host/db.")

@@ -42,11 +42,11 @@ in today's tz database); whole-second offsets are handled exactly.
 from __future__ import annotations
 
 import bisect
-import calendar
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Literal, get_args
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
+
+if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
 
 __all__ = ["ALIASES", "REBOOT", "CronError", "CronSchedule", "DayMatch", "resolve_zone"]
 
@@ -87,6 +87,8 @@ class _FieldError(ValueError):
 
 def resolve_zone(tz: str | ZoneInfo) -> ZoneInfo:
     """Turn a zone name into a ZoneInfo, failing with a CronError that names it."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # here: importing it costs a few ms
+
     if isinstance(tz, ZoneInfo):
         return tz
     if not isinstance(tz, str) or not tz:
@@ -102,8 +104,7 @@ def resolve_zone(tz: str | ZoneInfo) -> ZoneInfo:
 # -- fields ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Range:
+class _Range(NamedTuple):
     name: str
     lo: int
     hi: int
@@ -158,8 +159,7 @@ def _values(spec: _Range, part: str) -> set[int]:
     return out
 
 
-@dataclass(frozen=True)
-class _Days:
+class _Days(NamedTuple):
     """Day-of-month and day-of-week fields, with their L/W/# forms."""
 
     dom: frozenset[int]
@@ -173,6 +173,8 @@ class _Days:
 
     def in_month(self, year: int, month: int) -> list[int]:
         """The days of this month that match, sorted."""
+        import calendar  # here: a node without jobs never needs it
+
         first_weekday, length = calendar.monthrange(year, month)  # Monday = 0
         dom: set[int] = {d for d in self.dom if d <= length}
         if self.last_day:

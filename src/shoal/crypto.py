@@ -20,7 +20,6 @@ import functools
 import hashlib
 import hmac
 import math
-import secrets
 import string
 import struct
 from collections import Counter
@@ -84,6 +83,8 @@ def fingerprint(cookie: str) -> str:
 
 def new_cookie() -> str:
     """A strong cookie: 256 random bits, URL-safe (what `shoal cookie` prints)."""
+    import secrets
+
     return secrets.token_urlsafe(32)
 
 

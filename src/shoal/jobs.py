@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from shoal.history import RunHistory, RunRecord
 from shoal.jobdefs import JobDef, JobDefs, check_options
-from shoal.jobstore import DurableJobs, PostgresJobStore
 from shoal.scheduler import (
     InvalidJob,
     Job,
@@ -49,6 +48,7 @@ from shoal.singleton import Service, SingletonContext, SingletonFunc, Singletons
 
 if TYPE_CHECKING:
     from shoal.config import Settings
+    from shoal.jobstore import DurableJobs, PostgresJobStore
     from shoal.mesh import MembershipEvent
     from shoal.messaging import Handler, Messaging
 
@@ -108,14 +108,14 @@ class ClusterJobs:
         self.history = RunHistory(scheduler, limit=HISTORY_LIMIT)
         self.history.on_record = self._share_record
         self.definitions = JobDefs(scheduler, node.name)
-        dsn = node.settings.lease_dsn
-        self.store = PostgresJobStore(dsn) if dsn else None
+        self.store: PostgresJobStore | None = None
         # Saves a cluster job's state before replicating it (wraps state_changed).
-        self._durable = (
-            DurableJobs(scheduler, self.store, self.history, cluster_only=True)
-            if self.store is not None
-            else None
-        )
+        self._durable: DurableJobs | None = None
+        if node.settings.lease_dsn:
+            from shoal.jobstore import DurableJobs, PostgresJobStore  # only with a store
+
+            self.store = PostgresJobStore(node.settings.lease_dsn)
+            self._durable = DurableJobs(scheduler, self.store, self.history, cluster_only=True)
         self._loaded = asyncio.Event()
         if self.store is None:
             self._loaded.set()

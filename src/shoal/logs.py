@@ -16,7 +16,6 @@ Context variables carry them, so a job function's own log lines get them too.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 from collections.abc import Iterator, Mapping
@@ -100,6 +99,8 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = record.exc_text
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
+        import json  # here: a text-format app never needs it
+
         return json.dumps(out, ensure_ascii=False, default=str)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import signal
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -43,6 +42,8 @@ TLS_REASON = (
 
 def uvloop_available() -> bool:
     """True when uvloop can be imported (without importing it)."""
+    import importlib.util
+
     return importlib.util.find_spec("uvloop") is not None
 
 

@@ -22,7 +22,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from shoal import admission, crypto, wire
 from shoal.config import ConfigError, Peer, Settings, join_host_port, split_node_name
@@ -69,8 +69,7 @@ class WrongNode(wire.HandshakeError):
     """The dialed address is another node than the one expected."""
 
 
-@dataclass(frozen=True)
-class ClaimedPort:
+class ClaimedPort(NamedTuple):
     """A listening socket on the port a node claimed, and the process that claimed it."""
 
     sock: socket.socket

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
@@ -58,15 +57,23 @@ def handshake_reason(text: str) -> str:
     return "protocol"
 
 
-@dataclass(slots=True)
 class MeshStats:
     """Counters the mesh keeps whether or not metrics are exported (cheap increments)."""
 
-    frames_sent: int = 0
-    bytes_sent: int = 0
-    frames_received: int = 0
-    bytes_received: int = 0
-    handshake_failures: Counter[str] = field(default_factory=Counter)
+    __slots__ = (
+        "bytes_received",
+        "bytes_sent",
+        "frames_received",
+        "frames_sent",
+        "handshake_failures",
+    )
+
+    def __init__(self) -> None:
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.frames_received = 0
+        self.bytes_received = 0
+        self.handshake_failures: Counter[str] = Counter()
 
     def handshake_failed(self, why: str) -> None:
         self.handshake_failures[handshake_reason(why)] += 1

@@ -18,15 +18,15 @@ import shoal.loop
 from shoal import logs, wire
 from shoal.config import ConfigError, Peer, Settings, parse_hosts
 from shoal.discovery import Strategy, strategy_for
-from shoal.jobs import ClusterJobs
 from shoal.lag import LagMonitor
 from shoal.mesh import MembershipEvent, Mesh, NodeDown, claim_port
 from shoal.messaging import Handler, Messaging, Subscription, WaitTimeout
-from shoal.scheduler import Scheduler
 from shoal.singleton import Service, SingletonFunc, Singletons
 
 if TYPE_CHECKING:
     from shoal.control import ControlServer
+    from shoal.jobs import ClusterJobs
+    from shoal.scheduler import Scheduler
 
 log = logging.getLogger("shoal.node")
 
@@ -57,8 +57,28 @@ class Node:
         self.messaging.register("shoal.ping", lambda _payload, _sender: "pong")
         self.lag = LagMonitor()
         self.singletons = Singletons(self)
-        self.scheduler = Scheduler(node=self.name)
-        self.jobs = ClusterJobs(self, self.scheduler)
+        self._jobs: ClusterJobs | None = None
+        if settings.lease_dsn:  # with a store: its stop hook runs after the app's, as before
+            self._jobs = self._make_jobs()
+
+    @property
+    def jobs(self) -> ClusterJobs:
+        """The cluster's jobs on this node (shoal.jobs): made on first use, at the latest
+        by `start`, so that `import shoal` and `Node(...)` do not import the jobs modules."""
+        if self._jobs is None:
+            self._jobs = self._make_jobs()
+        return self._jobs
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """This node's cron engine (shoal.scheduler); `job` adds to it."""
+        return self.jobs.scheduler
+
+    def _make_jobs(self) -> ClusterJobs:
+        from shoal.jobs import ClusterJobs
+        from shoal.scheduler import Scheduler
+
+        return ClusterJobs(self, Scheduler(node=self.name))
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Node:
@@ -81,6 +101,8 @@ class Node:
             raise ConfigError(
                 f"TLS on the mesh needs asyncio's event loop: {shoal.loop.TLS_REASON}"
             )
+        # The jobs register their handlers and leader singleton before any peer can talk to us.
+        jobs = self.jobs
         claimed, self._claimed_port = self._claimed_port, None
         self.mesh = Mesh(self.settings, self.messaging.on_frame, self._membership_changed, claimed)
         self.messaging.mesh = self.mesh
@@ -89,7 +111,7 @@ class Node:
         try:
             strategy = self._strategy or strategy_for(self.settings)
             await self.singletons.start()
-            await self.jobs.start()
+            await jobs.start()
         except BaseException:
             await self.mesh.stop()  # do not leave the port bound behind a failed start
             self.mesh = None

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 Ballot = tuple[int, str]
@@ -54,22 +53,23 @@ def parse_ballot(value: Any) -> Ballot | None:
     return None
 
 
-@dataclass
 class Acceptor:
     """One node's promises and confirmed ticks, per singleton name."""
 
-    window: float
-    clock: Callable[[], float] = time.monotonic
-    wall: Callable[[], float] = time.time
-    started: float = field(init=False)
-    started_wall: float = field(init=False)
-    promised: dict[str, Ballot] = field(default_factory=dict)
-    ticks: dict[tuple[str, str], float] = field(default_factory=dict)  # (name, job) -> tick
-    last_ack: dict[str, float] = field(default_factory=dict)  # name -> monotonic time
-
-    def __post_init__(self) -> None:
-        self.started = self.clock()
-        self.started_wall = self.wall()
+    def __init__(
+        self,
+        window: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.window = window
+        self.clock = clock
+        self.wall = wall
+        self.started = clock()
+        self.started_wall = wall()
+        self.promised: dict[str, Ballot] = {}
+        self.ticks: dict[tuple[str, str], float] = {}  # (name, job) -> tick
+        self.last_ack: dict[str, float] = {}  # name -> monotonic time
 
     def _fenced(self) -> bool:
         return self.clock() - self.started < self.window

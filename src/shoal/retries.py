@@ -22,7 +22,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -80,6 +79,8 @@ class Retry:
     def delay(self, failed_attempt: int) -> float:
         """Seconds to wait after attempt ``failed_attempt`` (1-based) failed."""
         base = min(self.backoff * self.factor ** (failed_attempt - 1), self.max_backoff)
+        import random  # here, not at the top: `import shoal` need not pay for it
+
         return base * (1 + random.uniform(-self.jitter, self.jitter)) if base else 0.0
 
 

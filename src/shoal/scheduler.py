@@ -24,8 +24,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import fields
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar, get_args
-from zoneinfo import ZoneInfo
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, get_args
 
 from shoal import logs, retries
 from shoal.cron import CronSchedule, DayMatch, resolve_zone
@@ -46,6 +45,9 @@ from shoal.jobmodel import (
     recency,
 )
 from shoal.retries import Retry
+
+if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
 
 __all__ = [
     "Dispatcher",
@@ -120,7 +122,8 @@ class Scheduler:
         misfire_grace: float = 1.0,
         debug: bool = False,
     ) -> None:
-        self.tz = resolve_zone(tz)
+        # UTC is resolved on first use: a node without jobs need not import zoneinfo.
+        self._tz = None if tz == "UTC" else resolve_zone(tz)
         self.node = node or socket.gethostname()
         self.dispatcher = dispatcher
         self.state_changed = state_changed
@@ -142,6 +145,13 @@ class Scheduler:
         self._inflight: dict[str, set[asyncio.Task[RunResult | None]]] = {}
 
     # -- switches -----------------------------------------------------------------------------
+
+    @property
+    def tz(self) -> ZoneInfo:
+        """The zone of jobs added without one."""
+        if self._tz is None:
+            self._tz = resolve_zone("UTC")
+        return self._tz
 
     @property
     def debug(self) -> bool:

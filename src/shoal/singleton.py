@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from shoal import logs
 from shoal.mesh import MembershipEvent
@@ -129,30 +129,31 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-@dataclass
-class _PeerState:
+class _PeerState(NamedTuple):
     held: dict[str, float]  # singleton name -> claimed_at (wall clock)
     registered: set[str]
     draining: bool
 
 
-@dataclass
 class _Singleton:
-    name: str
-    func: SingletonFunc
-    mode: str
-    holding: bool = False
-    claimed_at: float = 0.0
-    token: int = 0
-    task: asyncio.Task[None] | None = None
-    lease_valid_until: float = 0.0  # monotonic
-    lease_task: asyncio.Task[None] | None = None
-    retry_at: float = 0.0  # monotonic; after a crash, not before this
-    starts: int = 0
-    ballot: Ballot = (0, "")  # quorum mode: the ballot this node holds (or claims) with
-    confirmed_until: float = 0.0  # monotonic; quorum mode: end of the confirmation window
-    claiming: bool = False
-    renewing: bool = False
+    """One registered singleton and what this node knows of its holding."""
+
+    def __init__(self, name: str, func: SingletonFunc, mode: str) -> None:
+        self.name = name
+        self.func = func
+        self.mode = mode
+        self.holding = False
+        self.claimed_at = 0.0
+        self.token = 0
+        self.task: asyncio.Task[None] | None = None
+        self.lease_valid_until = 0.0  # monotonic
+        self.lease_task: asyncio.Task[None] | None = None
+        self.retry_at = 0.0  # monotonic; after a crash, not before this
+        self.starts = 0
+        self.ballot: Ballot = (0, "")  # quorum mode: the ballot this node holds (or claims) with
+        self.confirmed_until = 0.0  # monotonic; quorum mode: end of the confirmation window
+        self.claiming = False
+        self.renewing = False
 
 
 class Singletons:

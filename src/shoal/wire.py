@@ -31,8 +31,7 @@ import hashlib
 import hmac
 import os
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -261,8 +260,7 @@ def new_incarnation() -> bytes:
     return os.urandom(INCARNATION_SIZE)
 
 
-@dataclass(frozen=True)
-class Hello:
+class Hello(NamedTuple):
     version: int
     name: str
     port: int
@@ -284,8 +282,7 @@ class Hello:
         }
 
 
-@dataclass(frozen=True)
-class Challenge:
+class Challenge(NamedTuple):
     name: str
     incarnation: bytes
     nonce: bytes

@@ -153,11 +153,11 @@ def test_any_change_to_the_acceptor_side_of_the_transcript_fails(
 ) -> None:
     challenge = t.challenge()
     if field == "nonce":
-        changed = replace(challenge, nonce=data.draw(nonces))
+        changed = challenge._replace(nonce=data.draw(nonces))
     elif field == "incarnation":
-        changed = replace(challenge, incarnation=data.draw(incarnations))
+        changed = challenge._replace(incarnation=data.draw(incarnations))
     else:
-        changed = replace(challenge, name=data.draw(names))
+        changed = challenge._replace(name=data.draw(names))
     assume(changed != challenge)
     with pytest.raises(wire.HandshakeError):
         dialer_verifies(t, t.welcome(), changed)
@@ -180,7 +180,7 @@ def test_any_change_to_the_hello_fails(t: Transcript, field: str, data: st.DataO
         "expected": st.none() | names,
         "encrypt": st.booleans(),
     }[field]
-    changed = replace(t.hello, **{field: data.draw(strategy)})
+    changed = t.hello._replace(**{field: data.draw(strategy)})
     assume(changed != t.hello)
     with pytest.raises(wire.HandshakeError):
         dialer_verifies(replace(t, hello=changed), t.welcome())
@@ -191,7 +191,7 @@ def test_any_change_to_the_hello_fails(t: Transcript, field: str, data: st.DataO
 @given(transcripts())
 def test_swapped_nonces_fail(t: Transcript) -> None:
     assume(t.hello.nonce != t.nonce)
-    swapped = replace(t, hello=replace(t.hello, nonce=t.nonce), nonce=t.hello.nonce)
+    swapped = replace(t, hello=t.hello._replace(nonce=t.nonce), nonce=t.hello.nonce)
     with pytest.raises(wire.HandshakeError):
         dialer_verifies(t, swapped.welcome())
     with pytest.raises(wire.HandshakeError):
@@ -201,7 +201,7 @@ def test_swapped_nonces_fail(t: Transcript) -> None:
 @given(transcripts())
 def test_swapped_names_fail(t: Transcript) -> None:
     assume(t.hello.name != t.acceptor)
-    swapped = replace(t, hello=replace(t.hello, name=t.acceptor), acceptor=t.hello.name)
+    swapped = replace(t, hello=t.hello._replace(name=t.acceptor), acceptor=t.hello.name)
     with pytest.raises(wire.HandshakeError):
         acceptor_verifies(t, swapped.proof())
 
