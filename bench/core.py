@@ -583,6 +583,15 @@ def main() -> None:
             p50_ratio <= 1.5,
         ),
         (
+            "call CPU per round trip (client + server)",
+            f"{shoal['call_cpu_client_us']:.0f} + {shoal['call_cpu_server_us']:.0f} us",
+            f"{plain['call_cpu_client_us']:.0f} + {plain['call_cpu_server_us']:.0f} us "
+            "(encryption off)",
+            "",
+            "-",
+            None,
+        ),
+        (
             "call round trip p99",
             f"{shoal['p99_us']:.0f} us",
             f"{echo['p99_us']:.0f} us (raw echo)",
