@@ -219,11 +219,12 @@ class Messaging:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-        self._deadline_timer, self._deadline_at = None, math.inf
-        self._deadlines.clear()
-        self._loop = None
+        if not self._calls:  # calls still pending keep their deadlines
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            self._deadline_timer, self._deadline_at = None, math.inf
+            self._deadlines.clear()
+            self._loop = None  # a node started again may run on another loop
 
     # sending ---------------------------------------------------------------
     async def send(self, node: str, handler: str, payload: Any) -> None:
