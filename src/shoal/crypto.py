@@ -38,6 +38,8 @@ MAX_RECORD = MAX_RECORD_PLAINTEXT + TAG_SIZE
 # (one transport.write, the cheapest path of a small call or reply); a larger
 # one goes out as two buffers rather than be copied.
 JOIN_BELOW = 16 * 1024
+# Plaintext below this size is sealed into one joined record (`Sealer.seal_small`).
+SMALL_RECORD = JOIN_BELOW - TAG_SIZE
 HEADER = struct.Struct(">I")
 _header_pack = HEADER.pack
 _header_unpack_from = HEADER.unpack_from
@@ -154,6 +156,12 @@ class Sealer:
 
         self._encrypt = AESGCM(key).encrypt
         self._counter = 0
+
+    def seal_small(self, data: bytes) -> bytes:
+        """One record, header and ciphertext joined, for `data` under SMALL_RECORD bytes."""
+        sealed: bytes = self._encrypt(_NONCE.pack(self._counter), data, None)
+        self._counter += 1
+        return _header_pack(len(sealed)) + sealed
 
     def seal(self, data: bytes) -> list[bytes]:
         """The records carrying `data` (header and ciphertext, ready to write)."""

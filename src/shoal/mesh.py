@@ -157,9 +157,17 @@ class Connection(asyncio.Protocol):
         self._out_size = 0
         self._loop = loop
         self._flush_scheduled = False
+        # A frame may go out at once, in its own write, when nothing is queued and
+        # no frame went out that way since the loop last came by (`_flush`, or bytes
+        # received); the frames after it in the same loop iteration are batched.
+        self._direct = True
         self._receiving = False  # dispatching received frames: hold replies for one write
+        self._stats = mesh.stats
+        self._max_send_buffer = mesh.settings.max_send_buffer
         self._writable = asyncio.Event()
         self._writable.set()
+        #: A sender must wait (`drain`): the peer is behind, or the connection is lost.
+        self.blocked = False
         self.paused_since: float | None = None  # monotonic; while the peer is behind
         self.drop_reason: str | None = None
         # AES-GCM records after the handshake (None: plaintext frames, e.g. under TLS).
@@ -185,7 +193,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
-        self.mesh.stats.bytes_received += len(data)
+        size = len(data)
+        self._stats.bytes_received += size
         if not self.established:
             self.decoder.append(data)
             if self.decoder.pending > HANDSHAKE_BUFFER and self.transport is not None:
@@ -193,41 +202,54 @@ class Connection(asyncio.Protocol):
                 self._reading_paused = True
             self._handshake_data.set()
             return
-        # Decoded and handled with the GC paused, so a frame of many small
-        # objects costs one pass over them, not one collection per 700.
-        with wire.gc_paused(len(data)):
-            try:
-                if self._opener is not None:
-                    data = self._opener.open(data)
-                frames = self.decoder.feed(data)
-            except (wire.FrameError, crypto.AuthenticationError) as exc:
-                self.mesh.report_bad_peer(self, str(exc))
-                self.abort()
-                return
-            # Replies to what we read are queued (`send_encoded`) and go out
-            # below, in one write (one record), rather than one loop iteration
-            # later: a call's round trip is shorter.
-            self._receiving = True
-            try:
-                self._dispatch(frames)
-            finally:
-                self._receiving = False
-            del frames  # freed now, before the GC resumes and would scan them
+        self._direct = True
+        if size < wire.GC_PAUSE_FROM:  # the common small read: no GC pause needed
+            self._receive(data)
+        else:
+            # Decoded and handled with the GC paused, so a frame of many small
+            # objects costs one pass over them, not one collection per 700.
+            with wire.gc_paused(size):
+                self._receive(data)
         if self._out:
             self._write_out()
 
+    def _receive(self, data: bytes) -> None:
+        try:
+            if self._opener is not None:
+                data = self._opener.open(data)
+            frames = self.decoder.feed(data)
+        except (wire.FrameError, crypto.AuthenticationError) as exc:
+            self.mesh.report_bad_peer(self, str(exc))
+            self.abort()
+            return
+        # Replies to what we read are queued (`send_encoded`) and go out in one
+        # write (one record) at the end of `data_received`, rather than one loop
+        # iteration later: a call's round trip is shorter.
+        self._receiving = True
+        try:
+            self._dispatch(frames)
+        finally:
+            self._receiving = False
+
     def _dispatch(self, frames: list[Any]) -> None:
-        self.mesh.stats.frames_received += len(frames)
-        dispatch = self.mesh.dispatch
+        self._stats.frames_received += len(frames)
+        mesh = self.mesh
+        on_message = mesh._on_frame
         for frame in frames:
             try:
-                dispatch(self, frame)
+                # Messages go straight to messaging (`Mesh.dispatch` routes the rest).
+                if type(frame) is list and frame and type(frame[0]) is int:
+                    if frame[0] in _MESSAGING_KINDS:
+                        on_message(self.peer_name, frame)  # type: ignore[arg-type]
+                        continue
+                mesh.dispatch(self, frame)
             except wire.FrameError as exc:
-                self.mesh.report_bad_peer(self, str(exc))
+                mesh.report_bad_peer(self, str(exc))
                 self.abort()
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.blocked = True
         if not self.closed.done():
             self.closed.set_result(None)
         self._handshake_data.set()
@@ -236,10 +258,12 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writable.clear()
+        self.blocked = True
         self.paused_since = time.monotonic()
 
     def resume_writing(self) -> None:
         self._writable.set()
+        self.blocked = self.closed.done()
         self.paused_since = None
 
     # sending ---------------------------------------------------------------
@@ -248,22 +272,24 @@ class Connection(asyncio.Protocol):
         self.send_encoded(wire.encode_frame(frame))
 
     def send_encoded(self, data: bytes) -> None:
-        stats = self.mesh.stats
+        stats = self._stats
         stats.frames_sent += 1
         stats.bytes_sent += len(data)
-        if not self._flush_scheduled:
-            # The first frame of this loop iteration goes out at once (a lone
-            # call waits for nothing); the ones that follow it in the same
-            # iteration are batched into one write (one record, one seal, when
-            # encrypted) by `_flush`. Frames queued while received frames are
-            # dispatched (replies) go out together at the end of `data_received`.
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-            if not self._receiving:
-                self._write(data)
-                return
+        if self._direct and not self._receiving and not self._out:
+            # A lone frame (a call, a reply sent from a task) goes out at once,
+            # with nothing scheduled: the next read or `_flush` allows the next one.
+            self._direct = False
+            self._write(data)
+            return
+        # The frames that follow it in the same loop iteration are batched into
+        # one write (one record, one seal, when encrypted) by `_flush`. Frames
+        # queued while received frames are dispatched (replies) go out together
+        # at the end of `data_received`.
         self._out.append(data)
         self._out_size += len(data)
+        if not self._flush_scheduled and not self._receiving:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         if self._out_size >= WRITE_BATCH:
             # A sender that does not yield must not queue without bound: write
             # now, so the transport's flow control (`drain`) applies, and the
@@ -272,6 +298,7 @@ class Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._direct = True
         self._write_out()
 
     def _write_out(self) -> None:
@@ -282,27 +309,24 @@ class Connection(asyncio.Protocol):
         self._out_size = 0
 
     def _write(self, data: bytes) -> None:
+        """Hand bytes to the transport, sealed into records when encryption is on."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        self._put(data)
-        self.last_sent = time.monotonic()
-        limit = self.mesh.settings.max_send_buffer
-        if self.established and transport.get_write_buffer_size() > limit:
-            # A peer this far behind is not reading: our memory is not its queue.
-            self.drop(f"it has not read {transport.get_write_buffer_size()} bytes (limit {limit})")
-
-    def _put(self, data: bytes) -> None:
-        """Hand bytes to the transport, sealed into one record when encryption is on."""
-        assert self.transport is not None
-        if self._sealer is None:
-            self.transport.write(data)
-            return
-        records = self._sealer.seal(data)
-        if len(records) == 1:
-            self.transport.write(records[0])  # cheaper than writelines, on uvloop too
+        sealer = self._sealer
+        if sealer is None:
+            transport.write(data)
+        elif len(data) < crypto.SMALL_RECORD:
+            transport.write(sealer.seal_small(data))  # one bytes: cheaper than writelines
         else:
-            self.transport.writelines(records)
+            transport.writelines(sealer.seal(data))
+        self.last_sent = time.monotonic()
+        if self.established and transport.get_write_buffer_size() > self._max_send_buffer:
+            # A peer this far behind is not reading: our memory is not its queue.
+            self.drop(
+                f"it has not read {transport.get_write_buffer_size()} bytes "
+                f"(limit {self._max_send_buffer})"
+            )
 
     def drop(self, why: str) -> None:
         """Abort a peer that is alive but not reading; it is down as soon as the loop runs."""

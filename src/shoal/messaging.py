@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
+import heapq
 import inspect
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -162,12 +165,25 @@ class Messaging:
         self.node_name = settings.name
         self.mesh: Mesh | None = None
         self._max_frame = settings.max_frame_size
+        # A frame's bytes, checked against the frame limit (MessageTooLarge).
+        self._encode: Callable[[list[Any]], bytes] = functools.partial(
+            wire.encode_frame, max_size=settings.max_frame_size
+        )
         self._max_inflight = settings.max_inflight_per_peer
         self._threads = settings.handler_threads
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._handlers: dict[str, tuple[Handler, str]] = {}
-        self._calls: dict[int, tuple[asyncio.Future[Any], str]] = {}
+        # Pending calls to peers: call id -> (future, node, handler, timeout).
+        self._calls: dict[int, tuple[asyncio.Future[Any], str, str, float]] = {}
         self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Call deadlines: one loop timer for the earliest, instead of one per call
+        # (a timer costs about as much as the rest of a call's sending side). The
+        # heap may hold (deadline, id) of calls that already ended; `_compact`
+        # keeps it within twice the pending calls.
+        self._deadlines: list[tuple[float, int]] = []
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_at = math.inf
         self._topics: dict[str, set[Subscription]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Called with each remote call's round trip in seconds (shoal.metrics sets it).
@@ -203,9 +219,12 @@ class Messaging:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
-
-    def _encode(self, frame: list[Any]) -> bytes:
-        return wire.encode_frame(frame, self._max_frame)
+        if not self._calls:  # calls still pending keep their deadlines
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            self._deadline_timer, self._deadline_at = None, math.inf
+            self._deadlines.clear()
+            self._loop = None  # a node started again may run on another loop
 
     # sending ---------------------------------------------------------------
     async def send(self, node: str, handler: str, payload: Any) -> None:
@@ -214,9 +233,12 @@ class Messaging:
         if node == self.node_name:
             self._run_handler(handler, payload, self.node_name, None)
             return
-        conn = self._mesh.connection_to(node)
+        conn = self.mesh.connections.get(node) if self.mesh is not None else None
+        if conn is None:
+            conn = self._mesh.connection_to(node)  # raises NodeDown, saying why
         conn.send_encoded(frame)
-        await conn.drain()  # returns at once unless the peer is slower than us
+        if conn.blocked:  # the peer is slower than us, or gone
+            await conn.drain()
 
     def send_to_peers(self, handler: str, payload: Any, peers: list[str] | None = None) -> None:
         """Queue `payload` for `handler` on connected `peers` (default: all), not this node.
@@ -245,22 +267,59 @@ class Messaging:
                 raise CallTimeout(
                     f"{handler!r} on {node} did not reply within {timeout} s"
                 ) from None
-        conn = self._mesh.connection_to(node)
-        loop = asyncio.get_running_loop()
+        conn = self.mesh.connections.get(node) if self.mesh is not None else None
+        if conn is None:
+            conn = self._mesh.connection_to(node)  # raises NodeDown, saying why
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._calls[call_id] = (future, node)
-        started = time.perf_counter()
-        # A timer on the future itself: `asyncio.timeout` costs several times more
-        # per call (a Python context manager around the same kind of timer).
-        timer = loop.call_later(timeout, _expire, future, handler, node, timeout)
+        calls = self._calls
+        calls[call_id] = (future, node, handler, timeout)
+        deadline = loop.time() + timeout
+        heapq.heappush(self._deadlines, (deadline, call_id))
+        if deadline < self._deadline_at:
+            self._arm_deadline(loop, deadline)
+        observer = self.call_observer
+        started = time.perf_counter() if observer is not None else 0.0
         try:
             conn.send_encoded(frame)
             return await future
         finally:
-            timer.cancel()
-            self._calls.pop(call_id, None)
-            if self.call_observer is not None:
-                self.call_observer(time.perf_counter() - started)
+            del calls[call_id]
+            if len(self._deadlines) > 2 * len(calls) + 64:
+                self._compact_deadlines()
+            if observer is not None:
+                observer(time.perf_counter() - started)
+
+    def _arm_deadline(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """(Re)set the one timer to the earliest deadline."""
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self._deadline_timer = loop.call_at(deadline, self._expire_calls, loop)
+        self._deadline_at = deadline
+
+    def _expire_calls(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the calls whose deadline has passed with CallTimeout; re-arm for the next."""
+        self._deadline_timer, self._deadline_at = None, math.inf
+        # The loop's timers are millisecond-grained, as its clock may be (uvloop).
+        now = loop.time() + 0.001
+        deadlines, calls = self._deadlines, self._calls
+        while deadlines and deadlines[0][0] <= now:
+            entry = calls.get(heapq.heappop(deadlines)[1])
+            if entry is not None and not entry[0].done():
+                future, node, handler, timeout = entry
+                future.set_exception(
+                    CallTimeout(f"{handler!r} on {node} did not reply within {timeout} s")
+                )
+        if deadlines:
+            self._arm_deadline(loop, deadlines[0][0])
+
+    def _compact_deadlines(self) -> None:
+        """Drop the deadlines of calls that ended (bounds the heap to the pending calls)."""
+        calls = self._calls
+        self._deadlines = [d for d in self._deadlines if d[1] in calls]
+        heapq.heapify(self._deadlines)
 
     async def publish(self, topic: str, payload: Any) -> None:
         """Deliver `payload` to every subscriber of `topic` on every node, this one included."""
@@ -331,7 +390,7 @@ class Messaging:
         """Fail the calls waiting on a node that went down, at once."""
         if event.kind != "down":
             return
-        for future, node in list(self._calls.values()):
+        for future, node, _, _ in list(self._calls.values()):
             if node == event.node and not future.done():
                 future.set_exception(NodeDown(f"{node} went down ({event.reason})"))
 
@@ -364,7 +423,8 @@ class Messaging:
             return
         # `inspect.isawaitable` is slow; plain data (the common case) is not awaitable.
         if mode == _INLINE and (type(result) in _PLAIN or not inspect.isawaitable(result)):
-            self._reply(sender, call_id, True, result)
+            if call_id is not None:
+                self._reply(sender, call_id, True, result)
             return
         self._inflight[sender] += 1
         task = asyncio.ensure_future(self._finish(name, result, sender, call_id))
@@ -416,7 +476,7 @@ class Messaging:
     def _reply(self, sender: str, call_id: int | None, ok: bool | str, value: Any) -> None:
         if call_id is None or sender == self.node_name:
             return
-        conn = self._mesh.connections.get(sender)
+        conn = self.mesh.connections.get(sender) if self.mesh is not None else None
         if conn is None:
             return  # the caller is gone; its call already failed with NodeDown
         try:
@@ -464,11 +524,6 @@ class Messaging:
         if self.mesh is None:
             raise NodeDown("the node is not started")
         return self.mesh
-
-
-def _expire(future: asyncio.Future[Any], handler: str, node: str, timeout: float) -> None:
-    if not future.done():
-        future.set_exception(CallTimeout(f"{handler!r} on {node} did not reply within {timeout} s"))
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

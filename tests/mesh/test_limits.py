@@ -107,6 +107,36 @@ async def test_a_call_without_a_reply_in_time_raises_call_timeout(
     assert a.messaging._calls == {}
 
 
+async def test_call_deadlines_share_one_timer_and_a_shorter_one_still_fires_on_time(
+    make_node: NodeFactory,
+) -> None:
+    """Calls share one deadline timer: a short timeout behind a long one fires on time,
+    calls that end leave no deadlines behind, and one timeout does not end the others."""
+    a, b = await pair(make_node)
+    release = asyncio.Event()
+
+    async def stuck(_payload: Any, _sender: str) -> str:
+        await release.wait()
+        return "late"
+
+    b.register("stuck", stuck)
+    b.register("echo", lambda payload, _sender: payload, sync_to_thread=False)
+    slow = asyncio.create_task(a.call(b.name, "stuck", None, timeout=30))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(CallTimeout, match=r"within 0\.3 s"):
+        await a.call(b.name, "stuck", None, timeout=0.3)
+    assert 0.25 <= time.monotonic() - started < 3
+    assert not slow.done()  # the long call is still waiting for its reply
+    for i in range(1000):
+        assert await a.call(b.name, "echo", i) == i
+    # Deadlines of calls that ended are dropped as calls end (not kept for their timeout).
+    assert len(a.messaging._deadlines) <= 2 * len(a.messaging._calls) + 64
+    release.set()
+    assert await slow == "late"
+    assert a.messaging._calls == {}
+
+
 async def test_a_blocking_sync_handler_runs_in_a_thread_and_the_node_stays_responsive(
     make_node: NodeFactory,
 ) -> None:
