@@ -1,0 +1,94 @@
+"""Lease-mode singletons on a real Postgres: a lost lease or database stops the holder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+
+from shoal import Node, Peer
+from shoal.singleton import SingletonContext
+from tests.singleton.test_singletons import Recorder, make_node, stopper
+from tests.support.postgres import running_postgres, unavailable_reason
+from tests.support.procs import async_wait_until
+
+__all__ = ["stopper"]  # the fixture, imported for the tests here
+
+pg_reason = unavailable_reason()
+pytestmark = pytest.mark.skipif(pg_reason is not None, reason=str(pg_reason))
+
+
+def recording(rec: Recorder, contexts: list[SingletonContext], name: str) -> Any:
+    inner = rec.func(name)
+
+    async def run(ctx: SingletonContext) -> None:
+        contexts.append(ctx)
+        await inner(ctx)
+
+    return run
+
+
+async def test_a_holder_whose_lease_was_taken_stops_and_the_new_holder_has_a_higher_token(
+    stopper: list[Node], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lease ended under the holder (as after a database failover): at its next renewal
+    the holder stops its task and `is_valid()` turns False; the other node acquires it with
+    the next fencing token."""
+    caplog.set_level(logging.INFO, "shoal.singleton")
+    rec, contexts = Recorder(), []
+    with running_postgres() as pg:
+        peers = [Peer("hi", h, 4371) for h in ("127.0.87.2", "127.0.87.3")]
+        nodes = [make_node(p.host, peers, lease_dsn=pg.dsn, lease_ttl=0.6)[0] for p in peers]
+        for node in nodes:
+            node.add_singleton("s", recording(rec, contexts, node.name), mode="lease")
+            stopper.append(node)
+        for node in nodes:
+            await node.start()
+        await async_wait_until(lambda: len(rec.running) == 1, 5.0)
+        (first,) = rec.running
+        old = contexts[0]
+        assert old.mode == "lease" and old.token == 1 and old.is_valid()
+        holder = next(n for n in nodes if n.name == first)
+        assert holder.singletons.lease_backend is not None
+        conn = await asyncpg.connect(pg.dsn)
+        try:
+            await conn.execute("UPDATE shoal_leases SET expires_at = now() - interval '1 second'")
+        finally:
+            await conn.close()
+        await async_wait_until(lambda: first in rec.cancelled, 2.0, message="the holder stopped")
+        assert not old.is_valid()
+        assert f"stopping on {first} (lease lost)" in caplog.text  # at its renewal, not later
+        await async_wait_until(lambda: len(rec.running) == 1, 3.0)
+        assert [token for _, token in rec.starts][-1] > old.token
+        for node in nodes:
+            await node.stop()
+
+
+async def test_a_holder_that_cannot_reach_the_database_stops_before_its_lease_ends(
+    stopper: list[Node],
+) -> None:
+    """Postgres goes away: the holder cannot renew, and stops its task before the lease it
+    last renewed can expire (another node could take it then); it claims nothing meanwhile."""
+    rec, contexts = Recorder(), []
+    ttl = 1.0
+    with running_postgres() as pg:
+        node, _ = make_node("127.0.88.2", [], lease_dsn=pg.dsn, lease_ttl=ttl)
+        node.add_singleton("s", recording(rec, contexts, node.name), mode="lease")
+        stopper.append(node)
+        await node.start()
+        await async_wait_until(lambda: len(rec.running) == 1, 5.0)
+        ctx = contexts[0]
+        await async_wait_until(ctx.is_valid, 1.0)
+        pg.process.send_signal(signal.SIGINT)  # fast shutdown: clients are cut off
+        down = time.monotonic()
+        await asyncio.to_thread(pg.process.wait, 10)
+        await async_wait_until(lambda: rec.cancelled == [node.name], 3.0)
+        assert time.monotonic() - down < ttl  # it last renewed before `down`
+        assert not ctx.is_valid()
+        assert rec.running == set() and len(rec.starts) == 1
+        await node.stop()
