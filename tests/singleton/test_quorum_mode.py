@@ -196,3 +196,39 @@ async def test_a_majority_is_of_the_expected_cluster_not_of_the_nodes_present(
     await async_wait_until(lambda: len(rec.running) == 1, 3.0)
     await asyncio.gather(*(reconciled(n, 3) for n in nodes))
     assert len(rec.starts) == 1, rec.starts
+
+
+async def test_the_majority_takes_over_from_a_silent_holder_before_its_detector_fires(
+    stopper: list[Node],
+) -> None:
+    """Cut off silently, the holder steps down as its confirmation lapses; the majority side
+    takes over as soon as that is safe, while it still lists the old holder as connected
+    (it does not wait for its failure detector)."""
+    rec = Recorder()
+    timing = {"heartbeat_interval": 0.5, "failure_timeout": 1.5, "drain_timeout": 0.2}
+    nodes, gates = three("127.0.89", **timing)
+    seen_at_start: list[list[str]] = []
+    for node in nodes:
+        inner = rec.func(node.name)
+
+        async def run(ctx: SingletonContext, node: Node = node, inner: Any = inner) -> None:
+            seen_at_start.append(node.nodes())
+            await inner(ctx)
+
+        node.add_singleton("s", run, mode="quorum")
+        stopper.append(node)
+    for node in nodes:
+        await node.start()
+    await async_wait_until(lambda: len(rec.running) == 1, 4.0)
+    (holder_name,) = rec.running
+    for gate in gates:
+        gate.peers = []  # no redials
+    for node in nodes:  # a silent cut between the holder and the others, both ways
+        assert node.mesh is not None
+        for peer, conn in node.mesh.connections.items():
+            if holder_name in (node.name, peer):
+                assert conn.transport is not None
+                conn.transport.pause_reading()
+    await async_wait_until(lambda: len(rec.starts) == 2, 4.0, message="a takeover")
+    assert rec.starts[1][0] != holder_name and holder_name not in rec.running
+    assert holder_name in seen_at_start[1], seen_at_start

@@ -236,7 +236,7 @@ async def test_quorum_holder_that_hears_nobody_steps_down_once_and_stays_down(
     step down before its failure detector drops them, and not claim again meanwhile."""
     rec = Recorder()
     peers = [Peer("hi", h, 4371) for h in ("127.0.78.2", "127.0.78.3", "127.0.78.4")]
-    timing = {"heartbeat_interval": 0.1, "failure_timeout": 1.0, "expected_nodes": 3}
+    timing = {"heartbeat_interval": 0.1, "failure_timeout": 0.6, "expected_nodes": 3}
     made = [make_node(p.host, peers, **timing) for p in peers]
     nodes = [node for node, _ in made]
     for node in nodes:
@@ -274,7 +274,7 @@ async def test_quorum_is_valid_lapses_during_a_stall_and_confirm_asks_again(
         return run
 
     peers = [Peer("hi", h, 4371) for h in ("127.0.79.2", "127.0.79.3", "127.0.79.4")]
-    timing = {"heartbeat_interval": 0.2, "failure_timeout": 1.0, "expected_nodes": 3}
+    timing = {"heartbeat_interval": 0.1, "failure_timeout": 0.5, "expected_nodes": 3}
     nodes = [make_node(p.host, peers, **timing)[0] for p in peers]
     for node in nodes:
         node.add_singleton("s", func(node.name), mode="quorum")
@@ -304,7 +304,8 @@ async def test_an_even_quorum_split_runs_it_on_neither_side(stopper: list[Node])
     hosts = ("127.0.79.2", "127.0.79.3", "127.0.79.4", "127.0.79.5")
     everyone = [Peer("hi", h, 4371) for h in hosts]
     halves = [everyone[:2], everyone[2:]]
-    made = [make_node(p.host, half, expected_nodes=4) for half in halves for p in half]
+    timing = {"heartbeat_interval": 0.1, "failure_timeout": 0.4, "expected_nodes": 4}
+    made = [make_node(p.host, half, **timing) for half in halves for p in half]
     nodes = [node for node, _ in made]
     for node in nodes:
         # Reconciled in registration order: when a mesh-mode singleton has started on
@@ -330,7 +331,7 @@ async def test_a_quorum_holder_steps_down_before_its_failure_detector_fires(
     connected (and so before the majority side can declare it down and take over)."""
     rec = Recorder()
     peers = [Peer("hi", h, 4371) for h in ("127.0.80.2", "127.0.80.3", "127.0.80.4")]
-    timing = {"heartbeat_interval": 0.5, "failure_timeout": 3.0, "expected_nodes": 3}
+    timing = {"heartbeat_interval": 0.2, "failure_timeout": 1.2, "expected_nodes": 3}
     made = [make_node(p.host, peers, **timing) for p in peers]
     nodes = [node for node, _ in made]
     connected_at_step_down: list[list[str]] = []
