@@ -11,7 +11,6 @@ import pytest
 from shoal import Node, Peer, Settings
 from shoal.discovery import Propose
 from shoal.singleton import SingletonContext
-from tests.support.postgres import running_postgres, unavailable_reason
 from tests.support.procs import async_wait_until
 
 COOKIE = "singleton-test-cookie-3f2e1d0c9b8a7654"
@@ -183,29 +182,6 @@ async def test_unknown_mode_and_duplicate_names_are_refused() -> None:
         node.add_singleton("t", Recorder().func("x"), mode="raft")
     with pytest.raises(ValueError, match="SHOAL_LEASE_DSN"):
         node.add_singleton("u", Recorder().func("x"), mode="lease")
-
-
-pg_reason = unavailable_reason()
-
-
-@pytest.mark.skipif(pg_reason is not None, reason=str(pg_reason))
-async def test_lease_takeovers_increase_the_fencing_token(stopper: list[Node]) -> None:
-    rec = Recorder()
-    with running_postgres() as pg:
-        peers = [Peer("hi", h, 4371) for h in ("127.0.76.2", "127.0.76.3")]
-        nodes = [make_node(p.host, peers, lease_dsn=pg.dsn, lease_ttl=1.0)[0] for p in peers]
-        for node in nodes:
-            node.add_singleton("s", rec.func(node.name), mode="lease")
-            stopper.append(node)
-        for node in nodes:
-            await node.start()
-        await async_wait_until(lambda: len(rec.running) == 1, 5.0)
-        (first,) = rec.running
-        await next(n for n in nodes if n.name == first).stop()  # releases the lease
-        await async_wait_until(lambda: len(rec.running) == 1 and first not in rec.running, 3.0)
-        assert [token for _, token in rec.starts] == [1, 2]
-        for node in nodes:
-            await node.stop()
 
 
 async def test_a_singleton_that_raises_is_logged_and_started_again(
@@ -390,36 +366,3 @@ async def test_validity_holder_flag_and_snapshot_follow_the_claim(stopper: list[
     await async_wait_until(lambda: len(contexts) == 2, 2.0)  # b took over
     assert contexts[1].is_valid() and b.singletons.is_holder("s")
     assert b.singletons.snapshot()["s"] == {"holder": b.name, "mode": "mesh", "token": 1}
-
-
-@pytest.mark.skipif(pg_reason is not None, reason=str(pg_reason))
-async def test_a_lease_holder_renews_and_keeps_it_over_several_ttls(stopper: list[Node]) -> None:
-    rec = Recorder()
-    with running_postgres() as pg:
-        peers = [Peer("hi", h, 4371) for h in ("127.0.82.2", "127.0.82.3")]
-        nodes = [make_node(p.host, peers, lease_dsn=pg.dsn, lease_ttl=0.6)[0] for p in peers]
-        for node in nodes:
-            node.add_singleton("s", rec.func(node.name), mode="lease")
-            stopper.append(node)
-        for node in nodes:
-            await node.start()
-        await async_wait_until(lambda: len(rec.running) == 1, 5.0)
-        (holder_name,) = rec.running
-        holder = next(n for n in nodes if n.name == holder_name)
-        backend = holder.singletons.lease_backend
-        assert backend is not None
-        renewed: list[bool] = []
-        renew = backend.renew
-
-        async def counting(name: str, owner: str, token: int, ttl: float) -> bool:
-            ok = await renew(name, owner, token, ttl)
-            renewed.append(ok)
-            return ok
-
-        backend.renew = counting  # type: ignore[method-assign]
-        # Six renewals (every ttl/3) span three lease lengths: without them it would expire.
-        await async_wait_until(lambda: len(renewed) >= 6, 5.0, message="six renewals")
-        assert all(renewed), renewed
-        assert rec.running == {holder_name} and rec.starts == [(holder_name, 1)]
-        for node in nodes:
-            await node.stop()
