@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from shoal.scheduler import (
+    InvalidJob,
     Job,
     JobNotFound,
     JobNotRun,
@@ -18,6 +20,7 @@ from shoal.scheduler import (
     RunResult,
     Scheduler,
 )
+from tests.support.procs import async_wait_until
 
 
 @pytest.fixture
@@ -125,3 +128,124 @@ async def test_jobs_snapshot_next_run_follows_activity_reboot_and_a_tick_ahead(
     assert rows["ahead"]["overlap"] is True and rows["ahead"]["max_attempts"] == 1
     assert datetime.fromisoformat(rows["ahead"]["next_run"]) == ahead + timedelta(hours=1)
     assert rows["ahead"]["last_tick"] == ahead.isoformat()
+
+
+async def test_overlapping_runs_keep_the_job_running_until_the_last_one_ends(
+    scheduler: Scheduler,
+) -> None:
+    gates: list[asyncio.Event] = []
+
+    async def held() -> None:
+        gate = asyncio.Event()
+        gates.append(gate)
+        await gate.wait()
+
+    scheduler.add_job("@daily", held, name="both", overlap=True)
+    runs = [asyncio.create_task(scheduler.run_now("both")) for _ in range(2)]
+    await async_wait_until(lambda: len(gates) == 2, 5.0)
+    gates[0].set()
+    await asyncio.wait_for(runs[0], 5.0)
+    assert scheduler.job_state("both").running_since is not None
+    assert scheduler.jobs_snapshot()[0]["running"] is True
+    gates[1].set()
+    await asyncio.wait_for(runs[1], 5.0)
+    state = scheduler.job_state("both")
+    assert (state.running_since, state.running_tick, state.running_on) == (None, None, None)
+    assert scheduler.jobs_snapshot()[0]["running"] is False and state.runs == 2
+
+
+async def test_outcomes_are_counted_and_reported(scheduler: Scheduler) -> None:
+    """What `/cluster` shows of a job: runs, failures, the last status and error; a manual
+    run neither moves the schedule nor completes a tick."""
+    calls: list[int] = []
+    reported: list[JobState] = []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("first call fails")
+
+    async def report(job: Job, state: JobState) -> None:
+        reported.append(state)
+
+    scheduler.state_changed = report
+    scheduler.add_job("@daily", flaky, name="flaky", timeout=30, misfire="run_once")
+    failed = await scheduler.run_now("flaky")
+    assert failed.status == "error" and "first call fails" in str(failed.error)
+    state = scheduler.job_state("flaky")
+    assert (state.runs, state.failures, state.last_status) == (1, 1, "error")
+    assert state.last_error == failed.error and state.ran_on == scheduler.node
+    ok = await scheduler.run_now("flaky")
+    assert ok.status == "ok" and ok.error is None
+    state = scheduler.job_state("flaky")
+    assert (state.runs, state.failures, state.last_status, state.last_error) == (2, 1, "ok", None)
+    assert state.last_tick is None and state.last_completed is None
+    assert state.last_run_at == ok.started_at and state.last_duration == ok.duration
+    (row,) = scheduler.jobs_snapshot()
+    assert (row["runs"], row["failures"], row["last_status"]) == (2, 1, "ok")
+    assert (row["timeout"], row["misfire"], row["last_completed"]) == (30, "run_once", None)
+    # Each run is reported as it starts (running) and as it ends.
+    assert [s.running_since is not None for s in reported] == [True, False, True, False]
+    assert [s.runs for s in reported] == [0, 1, 1, 2]
+
+
+async def test_a_failing_dispatcher_is_an_error_and_the_job_is_free_again(
+    scheduler: Scheduler,
+) -> None:
+    class Broken:
+        async def dispatch(self, job: Job, tick: datetime) -> RunResult | None:
+            raise ConnectionError("no route")
+
+    scheduler.dispatcher = Broken()
+    scheduler.add_job("@daily", lambda: None, name="remote")
+    with pytest.raises(JobNotRun):
+        await scheduler.run_now("remote")
+    state = scheduler.job_state("remote")
+    assert (state.last_status, state.last_error) == ("error", "dispatcher failed")
+    assert state.running_since is None and state.runs == 0
+    with pytest.raises(JobNotRun):  # not JobRunning: nothing is left running
+        await scheduler.run_now("remote")
+
+
+async def test_job_functions_of_every_supported_shape(scheduler: Scheduler) -> None:
+    seen: list[str] = []
+
+    class AsyncCallable:
+        async def __call__(self, ctx: RunContext) -> None:
+            seen.append(f"object {ctx.job}")
+
+    def with_default(ctx: RunContext, extra: int = 1) -> None:
+        seen.append(f"default {ctx.job} {extra}")
+
+    async def no_args() -> None:
+        seen.append("none")
+
+    def returns_awaitable() -> Any:
+        async def later() -> None:
+            seen.append("awaited")
+
+        return later()
+
+    scheduler.add_job("@daily", AsyncCallable(), name="obj")
+    scheduler.add_job("@daily", with_default, name="dflt")
+    scheduler.add_job("@daily", no_args, name="none")
+    scheduler.add_job("@daily", returns_awaitable, name="aw")
+    for name in ("obj", "dflt", "none", "aw"):
+        assert (await scheduler.run_now(name)).status == "ok", name
+    assert seen == ["object obj", "default dflt 1", "none", "awaited"]
+
+    def keyword_only(*, flag: bool) -> None:
+        pass
+
+    def two(a: int, b: int) -> None:
+        pass
+
+    for bad in (keyword_only, two):
+        with pytest.raises(InvalidJob, match="no argument or one"):
+            scheduler.add_job("@daily", bad)
+
+
+def test_a_negative_misfire_grace_is_refused() -> None:
+    with pytest.raises(ValueError, match="misfire_grace"):
+        Scheduler(misfire_grace=-0.5)
+    assert Scheduler(misfire_grace=0).misfire_grace == 0
