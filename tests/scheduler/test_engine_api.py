@@ -249,3 +249,26 @@ def test_a_negative_misfire_grace_is_refused() -> None:
     with pytest.raises(ValueError, match="misfire_grace"):
         Scheduler(misfire_grace=-0.5)
     assert Scheduler(misfire_grace=0).misfire_grace == 0
+
+
+async def test_a_missed_tick_still_within_the_grace_runs_whatever_the_policy() -> None:
+    """A leader that took over late runs the newest missed tick if it is less than
+    `misfire_grace` late, even with misfire="skip", and reports the older ones as missed."""
+    scheduler = Scheduler(node="node-a@127.0.0.2", misfire_grace=60.0)
+    missed: list[tuple[datetime, datetime, str]] = []
+    scheduler.on_tick_missed = lambda job, first, last, outcome: missed.append(
+        (first, last, outcome)
+    )
+    ran: list[datetime] = []
+    newest = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=30)
+    scheduler.add_job(
+        f"{newest.second} * * * * *", lambda ctx: ran.append(ctx.tick), name="late"
+    )  # misfire="skip"
+    await scheduler.start()
+    try:
+        scheduler.start_leading({"late": JobState(last_tick=newest - timedelta(minutes=4))})
+        await async_wait_until(lambda: ran == [newest], 5.0)
+        assert missed == [(newest - timedelta(minutes=3), newest, "on_time")]
+        assert scheduler.job_state("late").last_tick == newest
+    finally:
+        await scheduler.stop(drain_timeout=0.5)
