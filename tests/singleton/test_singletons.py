@@ -366,3 +366,40 @@ async def test_validity_holder_flag_and_snapshot_follow_the_claim(stopper: list[
     await async_wait_until(lambda: len(contexts) == 2, 2.0)  # b took over
     assert contexts[1].is_valid() and b.singletons.is_holder("s")
     assert b.singletons.snapshot()["s"] == {"holder": b.name, "mode": "mesh", "token": 1}
+
+
+async def test_mesh_is_valid_lapses_after_a_stall_until_confirm_has_heard_the_peers_again(
+    stopper: list[Node],
+) -> None:
+    """Mesh mode: right after its loop was blocked, a holder's `is_valid()` is False (its
+    view may be stale); `confirm()` waits until it has heard its peers again, then says it
+    still holds, and `is_valid()` is True again."""
+    contexts: list[SingletonContext] = []
+
+    async def keep(ctx: SingletonContext) -> None:
+        contexts.append(ctx)
+        await asyncio.Event().wait()
+
+    peers = [Peer("hi", h, 4371) for h in ("127.0.90.2", "127.0.90.3")]
+    timing = {"heartbeat_interval": 0.1, "failure_timeout": 3.0}
+    a, _ = make_node(peers[0].host, peers, **timing)
+    b, _ = make_node(peers[1].host, peers, **timing)
+    for node in (a, b):
+        node.add_singleton("s", keep)
+        stopper.append(node)
+    await a.start()
+    await async_wait_until(lambda: len(contexts) == 1, 2.0)
+    await b.start()
+    await async_wait_until(lambda: b.singletons.holders().get("s") == a.name, 2.0)
+    ctx = contexts[0]
+    assert ctx.is_valid()
+    time.sleep(0.8)  # noqa: ASYNC251 (the fault under test: a blocked loop)
+    blocked_until = time.monotonic()
+    assert not ctx.is_valid()
+    assert await ctx.confirm() is True
+    assert a.mesh is not None
+    heard = a.mesh.connections[b.name].last_received
+    assert heard > blocked_until, "confirmed before hearing the peer again"
+    assert ctx.is_valid() and a.singletons.is_holder("s")
+    assert await a.singletons.confirm("s") is True
+    assert len(contexts) == 1  # b never took over
