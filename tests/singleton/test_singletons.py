@@ -352,15 +352,20 @@ async def test_validity_holder_flag_and_snapshot_follow_the_claim(stopper: list[
     for node in (a, b):
         node.add_singleton("s", keep)
         stopper.append(node)
+    a.add_singleton("only-a", Recorder().func(a.name))
     await a.start()
     await async_wait_until(lambda: len(contexts) == 1, 2.0)
     await b.start()
     await async_wait_until(lambda: b.singletons.holders().get("s") == a.name, 2.0)
+    await async_wait_until(lambda: b.singletons.holders().get("only-a") == a.name, 2.0)
     assert contexts[0].is_valid() and contexts[0].token == 1 and contexts[0].mode == "mesh"
     assert a.singletons.is_holder("s") and not b.singletons.is_holder("s")
     expected = {"s": {"holder": a.name, "mode": "mesh", "token": 1}}
     assert {k: v for k, v in a.singletons.snapshot().items() if k == "s"} == expected
     assert b.singletons.snapshot()["s"]["holder"] == a.name
+    # A singleton registered only on a: b names its holder, but knows no mode or token.
+    assert b.singletons.snapshot()["only-a"] == {"holder": a.name, "mode": None, "token": None}
+    assert b.singletons.starts("only-a") == 0 and a.singletons.starts("only-a") == 1
     await a.stop()
     assert not contexts[0].is_valid()
     await async_wait_until(lambda: len(contexts) == 2, 2.0)  # b took over
@@ -399,7 +404,15 @@ async def test_mesh_is_valid_lapses_after_a_stall_until_confirm_has_heard_the_pe
     assert await ctx.confirm() is True
     assert a.mesh is not None
     heard = a.mesh.connections[b.name].last_received
-    assert heard > blocked_until, "confirmed before hearing the peer again"
+    # A heartbeat sent after the stall (those sent before it were buffered meanwhile), and
+    # soon: not only once the failure timeout bounds the wait.
+    assert 0.1 < heard - blocked_until, "confirmed before hearing the peer again"
+    assert time.monotonic() - blocked_until < 1.5
     assert ctx.is_valid() and a.singletons.is_holder("s")
     assert await a.singletons.confirm("s") is True
+    # Without a confirm, the node revalidates on its own after each stall.
+    for _ in range(2):
+        time.sleep(0.6)  # noqa: ASYNC251
+        assert not ctx.is_valid()
+        await async_wait_until(ctx.is_valid, 2.0, message="revalidated in the background")
     assert len(contexts) == 1  # b never took over
