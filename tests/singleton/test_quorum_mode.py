@@ -190,6 +190,9 @@ async def test_a_majority_is_of_the_expected_cluster_not_of_the_nodes_present(
     await async_wait_until(lambda: len(marker.running) == 1, 2.0)
     await asyncio.gather(*(reconciled(n, 6) for n in nodes[:2]))  # past the acceptors' window
     assert rec.starts == []
+    assert nodes[0].singletons.holders()["q"] is None  # known, but nobody runs it
+    assert not await nodes[0].singletons.confirm("q")
+    assert not await nodes[0].singletons.confirm("never-registered")
     await nodes[2].start()
     await async_wait_until(lambda: len(rec.running) == 1, 3.0)
     await asyncio.gather(*(reconciled(n, 3) for n in nodes))
