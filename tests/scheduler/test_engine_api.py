@@ -272,3 +272,54 @@ async def test_a_missed_tick_still_within_the_grace_runs_whatever_the_policy() -
         assert scheduler.job_state("late").last_tick == newest
     finally:
         await scheduler.stop(drain_timeout=0.5)
+
+
+async def test_a_standalone_scheduler_resumes_from_a_restored_state_at_start() -> None:
+    """leading=True (a program without a cluster): start() resumes cluster jobs after the
+    restored last tick, so a missed tick is caught up once (run_once)."""
+    scheduler = Scheduler(node="solo", leading=True)
+    ran: list[datetime] = []
+    newest = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=30)
+    scheduler.add_job(
+        f"{newest.second} * * * * *",
+        lambda ctx: ran.append(ctx.tick),
+        name="nightly",
+        misfire="run_once",
+    )
+    scheduler.update_state("nightly", JobState(last_tick=newest - timedelta(minutes=2)))
+    await scheduler.start()
+    try:
+        await async_wait_until(lambda: ran == [newest], 5.0, message="the catch-up run")
+        assert scheduler.leading and scheduler.running
+    finally:
+        await scheduler.stop(drain_timeout=0.5)
+    assert not scheduler.running
+
+
+async def test_leading_again_adopts_the_newer_state_and_job_state_is_a_copy(
+    scheduler: Scheduler,
+) -> None:
+    scheduler.add_job("@daily", lambda: None, name="daily")
+    scheduler.add_job("@daily", lambda: None, name="here", run_strategy="local")
+    await scheduler.start()
+    tick = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    scheduler.start_leading({"daily": JobState(last_tick=tick - timedelta(days=1))})
+    scheduler.start_leading({"daily": JobState(last_tick=tick, runs=5), "gone": JobState()})
+    assert scheduler.job_state("daily").last_tick == tick and scheduler.leading
+    copy = scheduler.job_state("daily")
+    copy.runs = 99
+    scheduler.states()["daily"].runs = 98
+    assert scheduler.job_state("daily").runs == 5
+    handed_over = await scheduler.stop_leading(drain_timeout=0.5)
+    assert set(handed_over) == {"daily"} and handed_over["daily"].runs == 5
+    assert not scheduler.leading
+
+
+async def test_a_deleted_job_added_again_starts_from_a_fresh_state(scheduler: Scheduler) -> None:
+    scheduler.add_job("@daily", lambda: None, name="again")
+    await scheduler.run_now("again")
+    assert scheduler.job_state("again").runs == 1
+    scheduler.delete_job("again")
+    assert "again" not in scheduler.states()
+    scheduler.add_job("@daily", lambda: None, name="again")
+    assert scheduler.job_state("again").runs == 0
