@@ -323,3 +323,24 @@ async def test_a_deleted_job_added_again_starts_from_a_fresh_state(scheduler: Sc
     assert "again" not in scheduler.states()
     scheduler.add_job("@daily", lambda: None, name="again")
     assert scheduler.job_state("again").runs == 0
+
+
+async def test_stop_cancels_a_run_past_the_drain_and_reports_it_cancelled() -> None:
+    scheduler = Scheduler(node="node-a@127.0.0.2")
+    stops: list[RunResult] = []
+    scheduler.on_job_stop = lambda job, result: stops.append(result)
+    started = asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    scheduler.add_job("@daily", forever)
+    await scheduler.start()
+    run = asyncio.create_task(scheduler.run_now("forever"))
+    await asyncio.wait_for(started.wait(), 5.0)
+    await asyncio.wait_for(scheduler.stop(drain_timeout=0.1), 5.0)
+    assert run.done() and run.cancelled()
+    assert [r.status for r in stops] == ["cancelled"] and stops[0].job == "forever"
+    state = scheduler.job_state("forever")
+    assert state.last_status == "cancelled" and state.running_since is None
