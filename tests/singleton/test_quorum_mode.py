@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from shoal import Node, Peer
-from shoal.singleton import CONFIRM_HANDLER, PREPARE_HANDLER, SingletonContext
+from shoal.singleton import CONFIRM_HANDLER, PREPARE_HANDLER, STATE_HANDLER, SingletonContext
 from tests.singleton.test_singletons import Recorder, make_node, reconciled, stopper
 from tests.support.procs import async_wait_until
 
@@ -233,3 +233,48 @@ async def test_the_majority_takes_over_from_a_silent_holder_before_its_detector_
     await async_wait_until(lambda: len(rec.starts) == 2, 4.0, message="a takeover")
     assert rec.starts[1][0] != holder_name and holder_name not in rec.running
     assert holder_name in seen_at_start[1], seen_at_start
+
+
+async def test_peer_state_messages_are_checked_and_teach_holders_and_ballots(
+    stopper: list[Node],
+) -> None:
+    """What a node takes from a peer's state message: which singletons it holds (malformed
+    messages and values are dropped), the ballots it promised (never promise below them),
+    and a release (the released holder's confirmations need no waiting out)."""
+    peers = [Peer("hi", h, 4371) for h in ("127.0.91.2", "127.0.91.3")]
+    a, _ = make_node(peers[0].host, peers, **FAST)
+    b, _ = make_node(peers[1].host, peers, **FAST)
+    stopper.extend([a, b])
+    await a.start()
+    await b.start()
+    await async_wait_until(lambda: a.nodes() == [b.name] and b.nodes() == [a.name], 2.0)
+
+    def tell_b(payload: Any) -> None:
+        a.messaging.send_to_peers(STATE_HANDLER, payload, [b.name])
+
+    for bad in (
+        ["held"],
+        {"held": {"x": 1.0}},  # no registered list
+        {"held": [["x", 1.0]], "registered": ["x"]},
+    ):
+        tell_b(bad)
+    tell_b({"held": {"w": 5.0, "x": "old", "y": True}, "registered": ["w", "x", "y"]})
+    await async_wait_until(lambda: b.singletons.holders().get("w") == a.name, 2.0)
+    holders = b.singletons.holders()
+    assert "x" not in holders and holders.get("y") == a.name  # True is a number in Python
+    assert b.singletons.snapshot()["w"] == {"holder": a.name, "mode": None, "token": None}
+
+    # Ballots: a peer's promise of (7, a) means b never promises below it.
+    tell_b({"held": {}, "registered": ["w"], "ballots": {"q": [7, a.name], "z": "bad"}})
+    await async_wait_until(lambda: b.singletons.holders().get("w") is None, 2.0)
+    low = await answered(a, b.name, PREPARE_HANDLER, {"name": "q", "ballot": [6, a.name]})
+    assert low["ok"] is False and low["promised"] == [7, a.name]
+
+    # A confirmed holder that says it no longer holds: a claimant need not wait for it.
+    assert (await a.call(b.name, CONFIRM_HANDLER, {"name": "q", "ballot": [7, a.name]}))["ok"]
+    later = await a.call(b.name, PREPARE_HANDLER, {"name": "q", "ballot": [8, a.name]})
+    assert later["ok"] is True and later["age"] is not None  # it confirmed (7, a) just now
+    tell_b({"held": {}, "registered": ["q"], "ballots": {"q": [8, a.name]}})
+    await reconciled(b, 2)
+    released = await a.call(b.name, PREPARE_HANDLER, {"name": "q", "ballot": [9, a.name]})
+    assert released["ok"] is True and released["age"] is None
