@@ -416,3 +416,31 @@ async def test_mesh_is_valid_lapses_after_a_stall_until_confirm_has_heard_the_pe
         assert not ctx.is_valid()
         await async_wait_until(ctx.is_valid, 2.0, message="revalidated in the background")
     assert len(contexts) == 1  # b never took over
+
+
+async def test_mesh_confirm_after_a_stall_waits_for_lost_peers_until_the_failure_timeout(
+    stopper: list[Node],
+) -> None:
+    """A peer lost during the stall may come back with news (it may have taken over): the
+    holder's `confirm()` waits for it, bounded by the failure timeout, then answers."""
+    contexts: list[SingletonContext] = []
+
+    async def keep(ctx: SingletonContext) -> None:
+        contexts.append(ctx)
+        await asyncio.Event().wait()
+
+    peers = [Peer("hi", h, 4371) for h in ("127.0.92.2", "127.0.92.3")]
+    timing = {"heartbeat_interval": 0.1, "failure_timeout": 0.5}
+    (a, gate_a), (b, gate_b) = (make_node(p.host, peers, **timing) for p in peers)
+    a.add_singleton("s", keep)
+    stopper.extend([a, b])
+    await a.start()
+    await b.start()
+    await async_wait_until(lambda: a.nodes() == [b.name] and len(contexts) == 1, 2.0)
+    gate_a.peers = gate_b.peers = []  # the lost peer stays away
+    time.sleep(0.8)  # noqa: ASYNC251 (a blocked loop, longer than the failure timeout)
+    blocked_until = time.monotonic()
+    assert await contexts[0].confirm() is True  # still the holder: nobody else runs it
+    waited = time.monotonic() - blocked_until
+    assert a.nodes() == []
+    assert 0.4 < waited < 2.0, waited
