@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -106,7 +107,7 @@ async def test_a_dispatcher_runs_the_tick_here_through_run_local(scheduler: Sche
     assert result.status == "ok" and result.node == scheduler.node and result.job == "report"
     assert [ctx.job for ctx in seen] == ["report"] and seen[0].tick == result.tick
     assert dispatched == [("report", result.tick)]
-    with pytest.raises(JobNotRun):
+    with pytest.raises(JobNotRun, match="'nowhere'"):
         await scheduler.run_now("nowhere")
     with pytest.raises(JobNotFound):
         await scheduler.run_local("missing", datetime.now(UTC))
@@ -122,7 +123,10 @@ async def test_jobs_snapshot_next_run_follows_activity_reboot_and_a_tick_ahead(
     scheduler.add_job("@hourly", lambda: None, name="ahead", overlap=True)
     ahead = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=3)
     scheduler.update_state("ahead", JobState(last_tick=ahead))
+    completed = ahead - timedelta(hours=1)
+    scheduler.update_state("boot", JobState(last_tick=completed, last_completed=completed))
     rows = {row["name"]: row for row in scheduler.jobs_snapshot()}
+    assert rows["boot"]["last_completed"] == completed.isoformat()
     assert rows["boot"]["next_run"] is None and rows["paused"]["next_run"] is None
     assert rows["paused"]["active"] is False and rows["paused"]["overlap"] is False
     assert rows["ahead"]["overlap"] is True and rows["ahead"]["max_attempts"] == 1
@@ -175,6 +179,7 @@ async def test_outcomes_are_counted_and_reported(scheduler: Scheduler) -> None:
     state = scheduler.job_state("flaky")
     assert (state.runs, state.failures, state.last_status) == (1, 1, "error")
     assert state.last_error == failed.error and state.ran_on == scheduler.node
+    assert scheduler.jobs_snapshot()[0]["last_error"] == failed.error
     ok = await scheduler.run_now("flaky")
     assert ok.status == "ok" and ok.error is None
     state = scheduler.job_state("flaky")
@@ -312,7 +317,7 @@ async def test_leading_again_adopts_the_newer_state_and_job_state_is_a_copy(
     assert scheduler.job_state("daily").runs == 5
     handed_over = await scheduler.stop_leading(drain_timeout=0.5)
     assert set(handed_over) == {"daily"} and handed_over["daily"].runs == 5
-    assert not scheduler.leading
+    assert scheduler.leading is False
 
 
 async def test_a_deleted_job_added_again_starts_from_a_fresh_state(scheduler: Scheduler) -> None:
@@ -344,3 +349,28 @@ async def test_stop_cancels_a_run_past_the_drain_and_reports_it_cancelled() -> N
     assert [r.status for r in stops] == ["cancelled"] and stops[0].job == "forever"
     state = scheduler.job_state("forever")
     assert state.last_status == "cancelled" and state.running_since is None
+
+
+async def test_a_deleted_or_deactivated_job_stops_ticking_and_a_new_one_ticks(
+    scheduler: Scheduler,
+) -> None:
+    """Deleting a ticking job stops its ticks, and a job added again under its name ticks
+    with the new function; a deactivated job misses the ticks due meanwhile."""
+    ran: list[tuple[str, datetime]] = []
+    scheduler.add_job("* * * * * *", lambda ctx: ran.append(("old", ctx.tick)), name="j")
+    await scheduler.start()
+    scheduler.start_leading({})
+    await async_wait_until(lambda: ran, 3.0, message="a tick")
+    scheduler.delete_job("j")
+    scheduler.add_job("* * * * * *", lambda ctx: ran.append(("new", ctx.tick)), name="j")
+    await async_wait_until(lambda: ran[-1][0] == "new", 3.0, message="the new job ticks")
+    assert [who for who, _ in ran].count("new") == len(ran) - 1  # the old one stopped
+    scheduler.deactivate_job("j")
+    assert scheduler.jobs_snapshot()[0]["active"] is False
+    await async_wait_until(lambda: not scheduler.jobs_snapshot()[0]["running"], 3.0)
+    paused_at, count = time.time(), len(ran)
+    # Past the next due tick (a second boundary) and its grace: it was not run.
+    await async_wait_until(lambda: time.time() > int(paused_at) + 1.3, 3.0)
+    assert len(ran) == count
+    scheduler.activate_job("j")
+    await async_wait_until(lambda: len(ran) > count, 3.0, message="ticking again")
