@@ -298,7 +298,7 @@ async def test_a_standalone_scheduler_resumes_from_a_restored_state_at_start() -
         assert scheduler.leading and scheduler.running
     finally:
         await scheduler.stop(drain_timeout=0.5)
-    assert not scheduler.running
+    assert scheduler.running is False
 
 
 async def test_leading_again_adopts_the_newer_state_and_job_state_is_a_copy(
@@ -374,3 +374,7 @@ async def test_a_deleted_or_deactivated_job_stops_ticking_and_a_new_one_ticks(
     assert len(ran) == count
     scheduler.activate_job("j")
     await async_wait_until(lambda: len(ran) > count, 3.0, message="ticking again")
+    await scheduler.stop_leading(drain_timeout=1.0)  # a cluster job: it stops ticking
+    stopped_at, count = time.time(), len(ran)
+    await async_wait_until(lambda: time.time() > int(stopped_at) + 1.3, 3.0)
+    assert len(ran) == count
