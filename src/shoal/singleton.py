@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from shoal import logs
 from shoal.mesh import MembershipEvent
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from shoal.messaging import Handler, Messaging
 
 log = logging.getLogger("shoal.singleton")
+T = TypeVar("T")
 
 STATE_HANDLER = "shoal.singleton.state"
 PREPARE_HANDLER = "shoal.singleton.prepare"
@@ -717,17 +718,17 @@ class Singletons:
             started = time.monotonic()
             try:
                 if item.holding:
-                    ok = await asyncio.wait_for(
-                        self._lease.renew(item.name, self._owner, item.token, ttl), ttl / 3
+                    # Never past the moment the holder must stop (a hung database).
+                    left = max(0.0, min(ttl / 3, item.lease_valid_until - started))
+                    ok = await _within(
+                        self._lease.renew(item.name, self._owner, item.token, ttl), left
                     )
                     if ok:
                         item.lease_valid_until = started + ttl - self.drain_bound("lease")
                     else:
                         await self._release(item, "lease lost")
                 elif self.node.ready and not self._stopping:
-                    token = await asyncio.wait_for(
-                        self._lease.acquire(item.name, self._owner, ttl), ttl / 3
-                    )
+                    token = await _within(self._lease.acquire(item.name, self._owner, ttl), ttl / 3)
                     if token is not None:
                         item.lease_valid_until = started + ttl - self.drain_bound("lease")
                         self._claim(item, token)
@@ -742,10 +743,26 @@ class Singletons:
             else:
                 problems.recovered("singleton %s: lease store reachable again", item.name)
             deadline = started + ttl / 3
-            while time.monotonic() < deadline:
+            while True:  # checked at least once: a call that timed out used the whole period
                 if item.holding and time.monotonic() >= item.lease_valid_until:
                     await self._release(item, "lease not renewed in time")
-                await asyncio.sleep(min(CHECK_INTERVAL, max(0.0, deadline - time.monotonic())))
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(min(CHECK_INTERVAL, deadline - time.monotonic()))
+
+
+async def _within(call: Awaitable[T], timeout: float) -> T:
+    """`call`'s result, or TimeoutError after `timeout` s. Unlike `asyncio.wait_for`, it does
+    not wait for the cancelled call to end: asyncpg's cancellation itself talks to the
+    server, so against a hung database it would hang too, and the lease loop would miss
+    the deadline at which its holder must stop."""
+    task = asyncio.ensure_future(call)
+    done, _ = await asyncio.wait([task], timeout=timeout)
+    if not done:
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+        raise TimeoutError(f"no answer within {timeout:.2f} s")
+    return task.result()
 
 
 def _parse_request(payload: Any, sender: str) -> tuple[str, Ballot] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -43,3 +44,19 @@ async def test_a_sync_singleton_runs_in_a_thread_until_it_is_no_longer_valid() -
         await node.stop()
     # Stopping the node released the singleton: is_valid() turned False in the thread.
     await async_wait_until(finished.is_set, timeout=5, message="the function returned")
+
+
+async def test_a_sync_singleton_may_return_an_awaitable_which_runs_on_the_loop() -> None:
+    node = Node(Settings(cookie=COOKIE, host=HOST, port=free_port(HOST), topology="static"))
+    ran: list[str] = []
+
+    async def on_the_loop(ctx: SingletonContext) -> None:
+        ran.append(ctx.name)
+        await asyncio.Event().wait()
+
+    node.add_singleton("later", lambda ctx: on_the_loop(ctx))
+    await node.start()
+    try:
+        await async_wait_until(lambda: ran == ["later"], timeout=5, message="awaited")
+    finally:
+        await node.stop()
