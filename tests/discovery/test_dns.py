@@ -167,3 +167,13 @@ async def test_tcp_listener_answers_too(dns_server: LocalDNSServer) -> None:
 
 def test_selected_by_default_topology(dns_server: LocalDNSServer) -> None:
     assert isinstance(strategy_for(settings(dns_server)), DNSPollStrategy)
+
+
+@pytest.mark.parametrize(("interval", "lifetime"), [(0.1, 0.5), (0.4, 0.8), (5.0, 2.0)])
+def test_a_lookup_may_last_two_polling_intervals_within_half_a_second_and_two(
+    dns_server: LocalDNSServer, interval: float, lifetime: float
+) -> None:
+    """The default bound of a round: a slow nameserver cannot stretch the polling period
+    far beyond what the operator set, nor is a fast poll cut below a useful wait."""
+    strategy = DNSPollStrategy(settings(dns_server, polling_interval=interval))
+    assert strategy.lifetime == pytest.approx(lifetime)

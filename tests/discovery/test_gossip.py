@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from shoal.config import Peer, Settings
 from shoal.discovery import strategy_for
 from shoal.discovery.gossip import (
     MAX_DATAGRAM,
+    RECENT_INTERVALS,
     Beacon,
     BeaconError,
     GossipStrategy,
@@ -285,3 +287,83 @@ def test_gossip_between_network_namespaces(tmp_path: Path) -> None:
         )
         assert f"hi@{c.address}" not in logs[a].read_text(), "a wrong cookie is never proposed"
         assert last_round(c) == []
+
+
+# -- what a node does with what it hears, and when it speaks ------------------------
+
+
+def test_a_wrong_cookie_beacon_warns_naming_the_sender_but_garbage_does_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong cookie is an operator's mistake worth a warning; random bytes on the port are
+    noise, counted but not worth one (a port scan must not fill the log)."""
+    strategy = GossipStrategy(settings("127.0.0.2", 45000))
+    caplog.set_level(logging.DEBUG, logger="shoal.discovery.gossip")
+    strategy.receive(b"\x00garbage", ("127.0.0.8", 45000))
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    strategy.receive(encode_beacon(gossip_key("wrong"), beacon()), ("127.0.0.9", 45000))
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "127.0.0.9" in warned[0] and "wrong cookie" in warned[0]
+    assert strategy.dropped == {"malformed": 1, "bad-hmac": 1}
+
+
+def _beacons_from(listener: socket.socket, host: str) -> int:
+    """How many of `host`'s beacons wait in `listener` (read without blocking)."""
+    count = 0
+    while True:
+        try:
+            data = listener.recv(MAX_DATAGRAM + 1)
+        except BlockingIOError:
+            return count
+        if decode_beacon(KEY, data).host == host:
+            count += 1
+
+
+async def test_a_lone_node_finds_itself_alone_only_after_three_beacons() -> None:
+    """A late beacon must not make a new node think it is alone (and claim singletons the
+    cluster already runs): the first empty round comes after RECENT_INTERVALS beacons."""
+    port = free_udp_port()
+    if not multicast_on_loopback_works(port):
+        pytest.skip("this kernel does not deliver multicast over lo between 127.0.0.x sockets")
+    rounds: list[tuple[list[Peer], int]] = []  # (proposed, our beacons sent by then)
+    with open_multicast_socket(GROUP, port, "127.0.0.6", 1) as listener:
+        sent = 0
+
+        def propose(peers: Iterable[Peer]) -> None:
+            nonlocal sent
+            sent += _beacons_from(listener, "127.0.0.2")
+            rounds.append((list(peers), sent))
+
+        lone = GossipStrategy(settings("127.0.0.2", port, gossip_interval=0.05))
+        task = asyncio.create_task(lone.run(propose))
+        try:
+            await async_wait_until(lambda: rounds, timeout=5, message="a first round")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert rounds[0] == ([], RECENT_INTERVALS)
+
+
+async def test_a_stopped_strategy_stops_listening_and_can_run_again(
+    nodes: Callable[[Settings], Node],
+) -> None:
+    port = free_udp_port()
+    if not multicast_on_loopback_works(port):
+        pytest.skip("this kernel does not deliver multicast over lo between 127.0.0.x sockets")
+    first = nodes(settings("127.0.0.2", port))
+    other = nodes(settings("127.0.0.3", port))
+    heard = Peer("hi", "127.0.0.3", 4370)
+    await async_wait_until(lambda: heard in first.rounds.seen, timeout=5, message="first hears")
+    first.task.cancel()
+    await asyncio.gather(first.task, return_exceptions=True)
+    with open_multicast_socket(GROUP, port, "127.0.0.6", 1) as raw:
+        raw.sendto(encode_beacon(gossip_key("wrong"), beacon()), (GROUP, port))
+        # `other` hears it, so it went out; the stopped strategy must not have.
+        await async_wait_until(lambda: "bad-hmac" in other.strategy.dropped, 5, message="sent")
+    assert "bad-hmac" not in first.strategy.dropped, "a stopped strategy still listens"
+    again = Node(first.strategy)  # the same strategy, started again (a node restart)
+    try:
+        await async_wait_until(lambda: heard in again.rounds.seen, 5, message="heard again")
+    finally:
+        again.task.cancel()
+        await asyncio.gather(again.task, return_exceptions=True)
