@@ -177,3 +177,26 @@ def test_a_lookup_may_last_two_polling_intervals_within_half_a_second_and_two(
     far beyond what the operator set, nor is a fast poll cut below a useful wait."""
     strategy = DNSPollStrategy(settings(dns_server, polling_interval=interval))
     assert strategy.lifetime == pytest.approx(lifetime)
+
+
+async def test_our_own_address_is_left_out_however_node_host_spells_it(
+    dns_server: LocalDNSServer,
+) -> None:
+    dns_server.set_records(NAME, ["fd00::2", "fd00::3"])
+    s = settings(dns_server, host="fd00:0:0::2")  # the same address as fd00::2
+    assert await DNSPollStrategy(s, lifetime=1).poll() == peers("fd00::3")
+
+
+async def test_rounds_are_a_polling_interval_apart(dns_server: LocalDNSServer) -> None:
+    """Not back to back: one lookup per interval (start to start), however long each took."""
+    dns_server.set_records(NAME, ["127.0.0.3"])
+    times: list[float] = []
+    strategy = DNSPollStrategy(settings(dns_server, polling_interval=0.3), lifetime=1)
+    task = asyncio.create_task(strategy.run(lambda _peers: times.append(time.monotonic())))
+    try:
+        await async_wait_until(lambda: len(times) >= 3, timeout=5, message="3 rounds")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    # Two intervals (0.6 s), less the first lookup's own time.
+    assert times[2] - times[0] >= 0.4
