@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from shoal import wire
 from shoal.mesh import MembershipEvent
 from shoal.node import Node
 from tests.mesh.conftest import NodeFactory, Proposals, peer_of
@@ -147,3 +148,40 @@ async def test_a_restarted_peer_replaces_its_hung_predecessor(make_node: NodeFac
     assert again.mesh is not None
     assert low.mesh.connection_to(high.name).peer_incarnation == again.mesh.incarnation
     assert again.nodes() == [low.name]
+
+
+async def test_a_member_list_up_to_ten_thousand_entries_is_read_and_a_longer_one_drops(
+    make_node: NodeFactory,
+) -> None:
+    """MEMBERS is bounded: a peer sending more than 10 000 entries is cut off."""
+    a = await make_node()
+    b = await make_node([peer_of(a)])
+    await connected(a, b)
+    events = events_of(a)
+    assert b.mesh is not None
+    conn = b.mesh.connection_to(a.name)
+    filler = [["x", "", 0]] * 10_000  # ignored entries, but counted
+    conn.send([wire.MEMBERS, filler])
+    assert await b.ping(a.name) >= 0  # read and still connected
+    conn.send([wire.MEMBERS, [*filler, ["x", "", 0]]])
+    await async_wait_until(lambda: events, timeout=5, message="b dropped")
+    assert events == [MembershipEvent("down", b.name, "closed")]
+
+
+async def test_the_mesh_counts_frames_and_bytes_both_ways(make_node: NodeFactory) -> None:
+    """The counters behind shoal_mesh_* metrics add up what really went over the wire."""
+    a = await make_node()
+    b = await make_node([peer_of(a)])
+    await connected(a, b)
+    b.register("sink", lambda _payload, _sender: None)
+    assert a.mesh is not None and b.mesh is not None
+    sent, received = a.mesh.stats, b.mesh.stats
+    before = (sent.frames_sent, sent.bytes_sent, received.frames_received, received.bytes_received)
+    for _ in range(10):
+        await a.send(b.name, "sink", b"x" * 1000)
+    await async_wait_until(
+        lambda: received.frames_received - before[2] >= 10, timeout=5, message="10 frames"
+    )
+    assert sent.frames_sent - before[0] >= 10
+    assert sent.bytes_sent - before[1] >= 10_000
+    assert received.bytes_received - before[3] >= 10_000
