@@ -9,11 +9,13 @@ versions of these stories are in tests/cluster.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from shoal import wire
+from shoal.config import Peer
 from shoal.mesh import MembershipEvent
 from shoal.node import Node
-from tests.mesh.conftest import NodeFactory, Proposals, peer_of
+from tests.mesh.conftest import MESH_PORT, NodeFactory, Proposals, peer_of
 from tests.support.procs import async_wait_until
 
 
@@ -185,3 +187,20 @@ async def test_the_mesh_counts_frames_and_bytes_both_ways(make_node: NodeFactory
     assert sent.frames_sent - before[0] >= 10
     assert sent.bytes_sent - before[1] >= 10_000
     assert received.bytes_received - before[3] >= 10_000
+
+
+async def test_with_one_node_per_host_a_refused_peer_is_dialed_again_next_round(
+    make_node: NodeFactory, hosts: Any
+) -> None:
+    """Probe back-off is for the ports of a range only: a peer that was down (refused) is
+    dialed again on the very next proposal once it is up."""
+    a = await make_node()
+    assert a.mesh is not None
+    later = hosts()
+    peer = Peer("hi", later, MESH_PORT)
+    a.mesh.propose([peer])
+    await async_wait_until(lambda: a.mesh is not None and not a.mesh.dialing, 5, message="refused")
+    b = await make_node(host=later)
+    a.mesh.propose([peer])
+    assert a.mesh.dialing, "dialed at once, no back-off"
+    await connected(a, b)

@@ -193,6 +193,8 @@ async def test_refused_probes_back_off_but_a_member_list_dials_at_once(
     await late.start()
     assert late.name == empty.name
     assert await node.connect(empty.name) == empty.name
+    # Found: the back-off is forgotten, so a later loss of this node is probed at once.
+    assert (empty.host, empty.port) not in mesh._probe_backoff
 
 
 async def test_a_node_made_before_a_fork_refuses_to_start_in_the_child(
