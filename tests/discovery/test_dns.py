@@ -11,7 +11,7 @@ import pytest
 
 from shoal.config import Peer, Settings
 from shoal.discovery import strategy_for
-from shoal.discovery.dns import DNSLookupError, DNSPollStrategy, lookup_all_ips
+from shoal.discovery.dns import DNSLookupError, DNSPollStrategy, _parse_server, lookup_all_ips
 from tests.discovery.conftest import Rounds
 from tests.support.dns_server import LocalDNSServer
 from tests.support.procs import async_wait_until
@@ -200,3 +200,21 @@ async def test_rounds_are_a_polling_interval_apart(dns_server: LocalDNSServer) -
         await asyncio.gather(task, return_exceptions=True)
     # Two intervals (0.6 s), less the first lookup's own time.
     assert times[2] - times[0] >= 0.4
+
+
+def test_an_explicit_lifetime_wins_over_the_default(dns_server: LocalDNSServer) -> None:
+    assert DNSPollStrategy(settings(dns_server, polling_interval=5.0), lifetime=0.3).lifetime == 0.3
+
+
+@pytest.mark.parametrize(
+    ("text", "server"),
+    [
+        ("[fd00::53]:5353", ("fd00::53", 5353)),
+        ("[fd00::53]", ("fd00::53", 53)),
+        (" 127.0.0.1:5353 ", ("127.0.0.1", 5353)),
+        ("dns.local", ("dns.local", 53)),
+    ],
+)
+def test_dns_server_forms(text: str, server: tuple[str, int]) -> None:
+    """SHOAL_DNS_SERVER: `host`, `host:port`, `[v6]` or `[v6]:port` (a pure parser)."""
+    assert _parse_server(text) == server
