@@ -218,3 +218,10 @@ def test_an_explicit_lifetime_wins_over_the_default(dns_server: LocalDNSServer) 
 def test_dns_server_forms(text: str, server: tuple[str, int]) -> None:
     """SHOAL_DNS_SERVER: `host`, `host:port`, `[v6]` or `[v6]:port` (a pure parser)."""
     assert _parse_server(text) == server
+
+
+async def test_a_nameserver_name_that_does_not_resolve_is_a_config_error() -> None:
+    with pytest.raises(DNSLookupError) as raised:
+        await lookup_all_ips(NAME, "no-such-nameserver.invalid:5353", lifetime=0.3)
+    assert raised.value.kind == "config"
+    assert "'no-such-nameserver.invalid' cannot be resolved" in str(raised.value)
