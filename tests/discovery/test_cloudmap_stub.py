@@ -110,23 +110,69 @@ async def test_stub_errors_propose_nothing_and_the_loop_goes_on(
     assert "NamespaceNotFound" in caplog.text
 
 
-def test_stub_selected_by_topology_type(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_stub_selected_by_topology_type(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    assert isinstance(strategy_for(settings()), CloudMapStrategy)
+    strategy = strategy_for(settings())
+    assert isinstance(strategy, CloudMapStrategy)
+    # It asks for the configured service, with the client it made itself.
+    with Stubber(strategy._client) as stubber:
+        stubber.add_response(
+            "discover_instances",
+            {"Instances": [instance("b", AWS_INSTANCE_IPV4="10.0.3.17")]},
+            EXPECTED_REQUEST,
+        )
+        assert await strategy.poll() == [Peer("vegeta", "10.0.3.17", 4370)]
+
+
+async def test_stub_proposes_ipv6_instances_and_skips_those_without_an_address(
+    client: tuple[Any, Stubber],
+) -> None:
+    api, stubber = client
+    stubber.add_response(
+        "discover_instances",
+        {
+            "Instances": [
+                instance("d", AWS_INIT_HEALTH_STATUS="HEALTHY"),  # no address: skipped
+                instance("e", AWS_INSTANCE_IPV4="not-an-ip"),  # skipped
+                instance("f", AWS_INSTANCE_IPV6="fd00::7"),
+                instance("c", AWS_INSTANCE_IPV4="10.0.1.5"),
+                instance("g", AWS_INSTANCE_IPV4="10.0.1.5"),  # the same address once
+            ]
+        },
+        EXPECTED_REQUEST,
+    )
+    peers = await CloudMapStrategy(settings(), client=api).poll()
+    assert peers == [Peer("vegeta", "fd00::7", 4370), Peer("vegeta", "10.0.1.5", 4370)]
+
+
+def test_api_calls_are_bounded_by_short_timeouts_and_few_attempts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """botocore's defaults (60 s timeouts, retries) would stall discovery for minutes."""
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    config = make_client().meta.config
+    assert (config.connect_timeout, config.read_timeout) == (2.0, 5.0)
+    assert config.retries == {"total_max_attempts": 2, "mode": "standard"}  # one retry
 
 
 def test_missing_boto3_is_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "boto3", None)
-    with pytest.raises(ConfigError, match=r"shoal\[aws\]"):
+    with pytest.raises(ConfigError) as raised:
         CloudMapStrategy(settings())
+    message = str(raised.value)
+    assert message.startswith("TOPOLOGY_TYPE=cloudmap needs boto3: install shoal with the `aws`")
+    assert message.endswith("(pip install 'shoal[aws]').")
 
 
 def test_missing_region_is_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    with pytest.raises(ConfigError, match="AWS_REGION"):
+    with pytest.raises(ConfigError) as raised:
         CloudMapStrategy(settings())
+    message = str(raised.value)
+    assert message.startswith("TOPOLOGY_TYPE=cloudmap needs an AWS region: set AWS_REGION or")
+    assert message.endswith("(ECS sets both for you).")
 
 
 @pytest.mark.parametrize("var", ["AWS_REGION", "AWS_DEFAULT_REGION"])

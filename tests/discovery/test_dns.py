@@ -11,7 +11,7 @@ import pytest
 
 from shoal.config import Peer, Settings
 from shoal.discovery import strategy_for
-from shoal.discovery.dns import DNSLookupError, DNSPollStrategy, lookup_all_ips
+from shoal.discovery.dns import DNSLookupError, DNSPollStrategy, _parse_server, lookup_all_ips
 from tests.discovery.conftest import Rounds
 from tests.support.dns_server import LocalDNSServer
 from tests.support.procs import async_wait_until
@@ -167,3 +167,61 @@ async def test_tcp_listener_answers_too(dns_server: LocalDNSServer) -> None:
 
 def test_selected_by_default_topology(dns_server: LocalDNSServer) -> None:
     assert isinstance(strategy_for(settings(dns_server)), DNSPollStrategy)
+
+
+@pytest.mark.parametrize(("interval", "lifetime"), [(0.1, 0.5), (0.4, 0.8), (5.0, 2.0)])
+def test_a_lookup_may_last_two_polling_intervals_within_half_a_second_and_two(
+    dns_server: LocalDNSServer, interval: float, lifetime: float
+) -> None:
+    """The default bound of a round: a slow nameserver cannot stretch the polling period
+    far beyond what the operator set, nor is a fast poll cut below a useful wait."""
+    strategy = DNSPollStrategy(settings(dns_server, polling_interval=interval))
+    assert strategy.lifetime == pytest.approx(lifetime)
+
+
+async def test_our_own_address_is_left_out_however_node_host_spells_it(
+    dns_server: LocalDNSServer,
+) -> None:
+    dns_server.set_records(NAME, ["fd00::2", "fd00::3"])
+    s = settings(dns_server, host="fd00:0:0::2")  # the same address as fd00::2
+    assert await DNSPollStrategy(s, lifetime=1).poll() == peers("fd00::3")
+
+
+async def test_rounds_are_a_polling_interval_apart(dns_server: LocalDNSServer) -> None:
+    """Not back to back: one lookup per interval (start to start), however long each took."""
+    dns_server.set_records(NAME, ["127.0.0.3"])
+    times: list[float] = []
+    strategy = DNSPollStrategy(settings(dns_server, polling_interval=0.3), lifetime=1)
+    task = asyncio.create_task(strategy.run(lambda _peers: times.append(time.monotonic())))
+    try:
+        await async_wait_until(lambda: len(times) >= 3, timeout=5, message="3 rounds")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    # Two intervals (0.6 s), less the first lookup's own time.
+    assert times[2] - times[0] >= 0.4
+
+
+def test_an_explicit_lifetime_wins_over_the_default(dns_server: LocalDNSServer) -> None:
+    assert DNSPollStrategy(settings(dns_server, polling_interval=5.0), lifetime=0.3).lifetime == 0.3
+
+
+@pytest.mark.parametrize(
+    ("text", "server"),
+    [
+        ("[fd00::53]:5353", ("fd00::53", 5353)),
+        ("[fd00::53]", ("fd00::53", 53)),
+        (" 127.0.0.1:5353 ", ("127.0.0.1", 5353)),
+        ("dns.local", ("dns.local", 53)),
+    ],
+)
+def test_dns_server_forms(text: str, server: tuple[str, int]) -> None:
+    """SHOAL_DNS_SERVER: `host`, `host:port`, `[v6]` or `[v6]:port` (a pure parser)."""
+    assert _parse_server(text) == server
+
+
+async def test_a_nameserver_name_that_does_not_resolve_is_a_config_error() -> None:
+    with pytest.raises(DNSLookupError) as raised:
+        await lookup_all_ips(NAME, "no-such-nameserver.invalid:5353", lifetime=0.3)
+    assert raised.value.kind == "config"
+    assert "'no-such-nameserver.invalid' cannot be resolved" in str(raised.value)

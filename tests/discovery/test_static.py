@@ -86,3 +86,13 @@ def test_rate_limited_log_warns_once_per_period_and_on_recovery(
         ("WARNING", "lookup failed: servfail (failed 62 time(s) in a row)"),
         ("INFO", "ok again (after 62 failed round(s))"),
     ]
+
+
+def test_two_nodes_per_host_make_each_host_entry_both_ports() -> None:
+    """The smallest range (SHOAL_NODES_PER_HOST=2) expands too, not only larger ones."""
+    s = settings("hi@127.0.0.3, hi@127.0.0.4:4999", nodes_per_host=2)
+    assert [(p.name, p.port) for p in StaticStrategy(s).peers] == [
+        ("hi@127.0.0.3", 4370),
+        ("hi@127.0.0.3:4371", 4371),
+        ("hi@127.0.0.4", 4999),  # an explicit port outside the range: that node only
+    ]

@@ -20,7 +20,7 @@ from shoal import wire
 from shoal.config import ConfigError, Peer, Settings, parse_hosts
 from shoal.mesh import ClaimedPort
 from shoal.node import Node
-from tests.mesh.conftest import COOKIE, MESH_PORT, Proposals, settings_for
+from tests.mesh.conftest import COOKIE, MESH_PORT, Proposals, peer_of, settings_for
 from tests.support.procs import async_wait_until
 
 NodeMaker = Callable[..., Node]
@@ -193,6 +193,8 @@ async def test_refused_probes_back_off_but_a_member_list_dials_at_once(
     await late.start()
     assert late.name == empty.name
     assert await node.connect(empty.name) == empty.name
+    # Found: the back-off is forgotten, so a later loss of this node is probed at once.
+    assert (empty.host, empty.port) not in mesh._probe_backoff
 
 
 async def test_a_node_made_before_a_fork_refuses_to_start_in_the_child(
@@ -211,3 +213,28 @@ def test_settings_made_in_code_take_nodes_per_host() -> None:
     assert list(s.ports) == [4370, 4371]
     with pytest.raises(ConfigError, match="SHOAL_NODES_PER_HOST=40"):
         s.with_overrides(nodes_per_host=40)
+
+
+async def test_a_member_list_naming_a_backed_off_port_is_dialed_at_once(
+    nodes: NodeMaker, hosts: Callable[[], str]
+) -> None:
+    """A peer's MEMBERS frame is its word that a node is there: the probe back-off of that
+    port (refused a moment ago) does not delay the dial."""
+    node, hub = nodes(hosts()), nodes(hosts())
+    await node.start()
+    await hub.start()
+    assert node.mesh is not None and hub.mesh is not None
+    node.mesh.propose([peer_of(hub)])
+    await async_wait_until(lambda: hub.name in node.nodes(), timeout=5, message="connected")
+    empty = Peer("hi", hosts(), 4372, True)
+    node.mesh.propose([empty])
+    await async_wait_until(lambda: not node.mesh.dialing, timeout=5, message="probe refused")
+    key = (empty.host, empty.port)
+    assert node.mesh._probe_backoff[key][1] == 1.0
+    hub.mesh.connection_to(node.name).send([wire.MEMBERS, [[empty.name, empty.host, 4372]]])
+    # Dialed again at once, and refused again: the back-off doubles.
+    await async_wait_until(
+        lambda: node.mesh is not None and node.mesh._probe_backoff[key][1] == 2.0,
+        timeout=5,
+        message="the member dialed at once",
+    )

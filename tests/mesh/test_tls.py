@@ -165,3 +165,16 @@ async def test_a_client_without_a_certificate_is_refused(
             await asyncio.wait_for(reader.readexactly(1), HANDSHAKE_TIMEOUT + 1)
         finally:
             writer.close()
+
+
+async def test_the_ca_chain_is_verified_not_the_address_a_certificate_names(
+    make_node: NodeFactory, hosts: object, cluster_ca: CA, tmp_path: Path
+) -> None:
+    """Peers are dialed by IP: one certificate shared by every node (issued for some other
+    address, as with a certificate in a shared secret) is enough, if our CA signed it."""
+    shared = cluster_ca.issue(tmp_path, "10.9.9.9")
+    a = await make_node(host=hosts(), tls=shared)  # type: ignore[operator]
+    b = await make_node(host=hosts(), tls=shared, peers=[peer_of(a)])  # type: ignore[operator]
+    await async_wait_until(
+        lambda: a.name in b.nodes() and b.name in a.nodes(), timeout=5, message="connected"
+    )

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # (60 s connect/read timeouts, retries) would stall discovery for minutes.
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 5.0
-MAX_ATTEMPTS = 2
+MAX_ATTEMPTS = 2  # in all, the first attempt included (botocore: total_max_attempts)
 MAX_RESULTS = 1000  # the API's maximum
 
 
@@ -42,7 +42,7 @@ def make_client() -> Any:
     config = Config(
         connect_timeout=CONNECT_TIMEOUT,
         read_timeout=READ_TIMEOUT,
-        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},
     )
     try:
         # botocore reads only AWS_DEFAULT_REGION; ECS and the AWS docs use AWS_REGION.
