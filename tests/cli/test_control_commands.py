@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +36,7 @@ from shoal.control import (
     command,
     live_sockets,
     socket_dir,
+    socket_path_for,
 )
 from tests.support.procs import async_wait_until
 
@@ -175,6 +177,7 @@ async def test_ping_answers_for_a_peer_and_for_the_node_itself(node: Node, peer:
         answer = result(await ask(node, "ping", target))
         assert answer["node"] == target
         assert isinstance(answer["rtt_ms"], float) and 0 < answer["rtt_ms"] < 5000
+        assert answer["rtt_ms"] == round(answer["rtt_ms"], 3)  # in ms, to the microsecond
     for args in ([], [peer.name, node.name]):
         assert failed(await ask(node, "ping", *args)) == "ping takes exactly one node name"
 
@@ -321,6 +324,9 @@ async def test_a_request_line_is_bounded_at_one_mebibyte(node: Node) -> None:
     # Arguments arrive as strings, whatever JSON type the client sent.
     assert result(await ask(node, "echo-test", 1, None, True)) == ["1", "None", "True"]
     assert result(await ask(node, "echo-test")) == []
+    # A result JSON cannot carry is sent as text rather than dropping the connection.
+    node.control.commands["path-test"] = (lambda _node, args: Path("/x", *args), "")
+    assert result(await ask(node, "path-test", "y")) == "/x/y"
 
 
 async def test_unknown_commands_and_failing_commands_are_answered_not_crashed(
@@ -391,10 +397,11 @@ async def ask_path(path: Path, name: str) -> dict[str, Any]:
 
 
 async def test_a_directory_of_the_users_choosing_keeps_its_mode(node: Node, run_dir: Path) -> None:
-    """SHOAL_CONTROL_SOCKET in an existing directory: the node does not chmod it."""
+    """SHOAL_CONTROL_SOCKET in an existing directory: the node does not chmod it. In a new
+    one: the directories are made, 0700."""
     chosen = run_dir / "chosen"
     chosen.mkdir()
-    chosen.chmod(0o750)
+    os.chmod(chosen, 0o750)
     server = ControlServer(node, chosen / "node.sock")
     await server.start()
     try:
@@ -402,6 +409,13 @@ async def test_a_directory_of_the_users_choosing_keeps_its_mode(node: Node, run_
         assert stat.S_IMODE(server.path.stat().st_mode) == 0o600
     finally:
         await server.stop()
+    deep = ControlServer(node, run_dir / "new" / "deeper" / "node.sock")
+    await deep.start()
+    try:
+        assert stat.S_IMODE(deep.path.parent.stat().st_mode) == 0o700
+        assert result(await ask_path(deep.path, "nodes")) == []
+    finally:
+        await deep.stop()
 
 
 async def test_the_per_user_directory_is_created_0700_and_checked(
@@ -409,6 +423,7 @@ async def test_the_per_user_directory_is_created_0700_and_checked(
 ) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(run_dir))
     assert socket_dir() == run_dir / "shoal"
+    assert socket_path_for("odd/name@h") == run_dir / "shoal" / "odd_name@h.sock"  # no subdir
     server = ControlServer(node, socket_dir() / "n.sock")
     await server.start()
     try:
@@ -523,7 +538,12 @@ async def remote(node: Node) -> AsyncIterator[Conn]:
     assert result(await conn.receive()) == {"node": node.name}
     banner = await conn.receive()
     assert banner["more"] is False and banner["closed"] is False
-    assert f"inside {node.name} (pid {os.getpid()})" in banner["output"]
+    lines = banner["output"].splitlines()
+    assert lines[0] == (
+        f"Python {sys.version.split()[0]} asyncio console inside {node.name} (pid {os.getpid()})."
+    )
+    assert lines[1] == "`node` is the running shoal.Node; `await` works at the top level."
+    assert "blocking calls stall the node" in lines[2] and "Ctrl-D (or exit()) leaves" in lines[2]
     try:
         yield conn
     finally:
@@ -563,6 +583,12 @@ async def _remote_runs_code(console: Conn, node: Node) -> None:
     }
     assert (await typed(console, "    print(i)"))["more"] is True
     assert await typed(console, "") == {"output": "0\n1\n", "more": False, "closed": False}
+    # What the stdlib REPL gives: the namespace, write()'s count, the stream's attributes.
+    assert (await typed(console, "__name__, shoal.__name__"))[
+        "output"
+    ] == "('__console__', 'shoal')\n"
+    assert (await typed(console, "sys.stdout.write('abc')"))["output"] == "abc3\n"
+    assert (await typed(console, "sys.stdout.writable()"))["output"] == "True\n"
     # Output of a task the session started also comes to the session.
     await typed(console, "t = asyncio.ensure_future(asyncio.sleep(0)); t.add_done_callback(print)")
     assert "Task finished" in (await typed(console, "await asyncio.sleep(0.01)"))["output"]
@@ -576,6 +602,7 @@ async def test_remote_errors_are_shown_and_the_session_goes_on(node: Node) -> No
 async def _remote_errors(console: Conn) -> None:
     shown = (await typed(console, "1 / 0"))["output"]
     assert "Traceback" in shown and "ZeroDivisionError: division by zero" in shown
+    assert 'File "<remote>", line 1' in shown
     assert "SyntaxError" in (await typed(console, "1 +"))["output"]
     await console.send({"line": 7})  # not a line: ignored
     await console.send({"other": True})
