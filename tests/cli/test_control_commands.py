@@ -324,6 +324,16 @@ async def test_a_request_line_is_bounded_at_one_mebibyte(node: Node) -> None:
     # Arguments arrive as strings, whatever JSON type the client sent.
     assert result(await ask(node, "echo-test", 1, None, True)) == ["1", "None", "True"]
     assert result(await ask(node, "echo-test")) == []
+    # No reply is longer than the bound either: the client reads no more.
+    reply_envelope = len(json.dumps({"ok": True, "result": ""})) + 1
+    node.control.commands["sized-test"] = (lambda _node, args: "x" * int(args[0]), "")
+    longest = ONE_MIB - reply_envelope
+    assert len(result(await ask(node, "sized-test", longest))) == longest
+    too_long = failed(await ask(node, "sized-test", longest + 1))
+    assert too_long == (
+        f"the reply is {ONE_MIB + 1} bytes, more than a control socket reply may be "
+        f"({ONE_MIB}); ask for less"
+    )
     # A result JSON cannot carry is sent as text rather than dropping the connection.
     node.control.commands["path-test"] = (lambda _node, args: Path("/x", *args), "")
     assert result(await ask(node, "path-test", "y")) == "/x/y"
@@ -499,7 +509,12 @@ def serve_once(path: Path, answer: bytes) -> threading.Thread:
 
 @pytest.mark.parametrize(
     ("answer", "error"),
-    [(b"", "the node closed"), (b"[1]\n", "not a reply"), (b"7\n", "not a reply")],
+    [
+        (b"", "the node closed"),
+        (b"[1]\n", "not a reply"),
+        (b"7\n", "not a reply"),
+        (b'{"ok": "' + b"x" * ONE_MIB + b'"}\n', f"reply is longer than {ONE_MIB} bytes"),
+    ],
 )
 def test_the_client_reports_a_node_that_hangs_up_or_answers_nonsense(
     run_dir: Path, answer: bytes, error: str
@@ -603,6 +618,11 @@ async def _remote_errors(console: Conn) -> None:
     shown = (await typed(console, "1 / 0"))["output"]
     assert "Traceback" in shown and "ZeroDivisionError: division by zero" in shown
     assert 'File "<remote>", line 1' in shown
+    # Output longer than a reply may be is cut, with a note, and the session goes on.
+    long = (await typed(console, "'x' * 2_000_000"))["output"]
+    kept = ONE_MIB // 16
+    cut = 2_000_003 - kept  # the repr's quotes and the newline count too
+    assert long == "'" + "x" * (kept - 1) + f"\n[output cut: {cut} more characters not shown]\n"
     assert "SyntaxError" in (await typed(console, "1 +"))["output"]
     await console.send({"line": 7})  # not a line: ignored
     await console.send({"other": True})
