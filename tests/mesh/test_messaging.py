@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -128,8 +129,13 @@ async def test_a_slow_subscriber_loses_the_oldest_messages_and_is_warned_once(
         await a.publish("t", n)
     assert slow.dropped == 2
     assert [(await next_of(slow))[0] for _ in range(3)] == [2, 3, 4]
-    warnings = [r for r in caplog.records if "subscriber to 't' is slow" in r.getMessage()]
-    assert len(warnings) == 1 and "1 messages dropped" in warnings[0].getMessage()
+    for n in range(3 + 10_000):  # the log says so at the 1st, 100th and 10000th drop only
+        slow.deliver(n, a.name)
+    assert slow.dropped == 10_002
+    warnings = [m for r in caplog.records if "is slow" in (m := r.getMessage())]
+    assert warnings == [
+        f"subscriber to 't' is slow: {n} messages dropped" for n in (1, 100, 10_000)
+    ]
 
 
 async def test_wait_for_returns_the_first_match_from_any_node_and_unsubscribes(
@@ -480,3 +486,93 @@ async def test_a_call_that_gets_no_reply_times_out_with_the_handler_and_node_nam
     with pytest.raises(CallTimeout, match=rf"'hang' on {b.name} did not reply within 0.3 s"):
         await asyncio.wait_for(call, DEADLINE)
     assert a.messaging._calls == {}  # nothing left behind
+
+
+async def test_calls_refused_as_busy_are_logged_at_most_once_a_second(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="shoal.messaging")
+    a, b = await mesh_of(make_node, 2, max_inflight_per_peer=1)
+    release = asyncio.Event()
+
+    async def held(_payload: Any, _sender: str) -> str:
+        await release.wait()
+        return "held"
+
+    b.register("held", held)
+    first = asyncio.ensure_future(a.call(b.name, "held", None))
+    await async_wait_until(lambda: b.messaging._inflight, timeout=DEADLINE)
+    for _ in range(3):
+        with pytest.raises(Busy, match=f"{b.name} is busy: too many calls from {a.name}"):
+            await a.call(b.name, "held", None)
+    refusals = [r.getMessage() for r in caplog.records if "refusing a message" in r.msg]
+    assert len(refusals) == 1 and "1 refused so far" in refusals[0]
+    release.set()
+    assert await first == "held"
+
+
+async def test_sends_a_node_makes_to_itself_never_count_against_the_cap(
+    make_node: NodeFactory,
+) -> None:
+    (b,) = await mesh_of(make_node, 1, max_inflight_per_peer=1)
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def held(payload: int, _sender: str) -> None:
+        started.append(payload)
+        await release.wait()
+
+    b.register("held", held)
+    for n in range(3):
+        await b.send(b.name, "held", n)
+    await async_wait_until(lambda: started == [0, 1, 2], timeout=DEADLINE)
+    release.set()
+
+
+async def test_stop_does_not_wait_for_a_blocked_handler_thread_nor_run_queued_ones(
+    make_node: NodeFactory,
+) -> None:
+    a, b = await mesh_of(make_node, 2, handler_threads=1)
+    release = threading.Event()
+    ran: list[int] = []
+
+    def blocking(payload: int, _sender: str) -> None:
+        ran.append(payload)
+        release.wait(DEADLINE)
+
+    b.register("blocking", blocking)
+    await a.send(b.name, "blocking", 1)
+    await a.send(b.name, "blocking", 2)  # queued behind the first: one thread
+    await async_wait_until(lambda: ran == [1], timeout=DEADLINE)
+    pool = b.messaging._executor
+    assert pool is not None
+    started = time.monotonic()
+    try:
+        await b.stop()
+    finally:
+        release.set()
+    # The blocked thread holds the handler for DEADLINE; stop does not wait for it.
+    assert time.monotonic() - started < DEADLINE / 2
+    await asyncio.to_thread(pool.shutdown, wait=True)  # the pool's work is over after this
+    assert ran == [1]
+
+
+@pytest.mark.parametrize(
+    ("value", "type_name", "message"),
+    [
+        (["ValueError", "boom"], "ValueError", "boom"),
+        (("ValueError", "boom"), "ValueError", "boom"),
+        (["ValueError"], "RemoteError", "['ValueError']"),
+        (["a", "b", "c"], "RemoteError", "['a', 'b', 'c']"),
+        (["ValueError", 7], "RemoteError", "['ValueError', 7]"),
+        ([7, "boom"], "RemoteError", "[7, 'boom']"),
+        (None, "RemoteError", "None"),
+    ],
+)
+def test_a_failed_reply_is_read_as_type_and_message_only_when_it_is_exactly_that(
+    value: Any, type_name: str, message: str
+) -> None:
+    error = RemoteError.from_wire(value)
+    assert (error.type_name, error.message) == (type_name, message)
+    assert messaging.error_to_wire(error) == [type_name, message]
+    assert messaging.error_to_wire(KeyError("k")) == ["KeyError", "'k'"]
