@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -44,6 +45,24 @@ HOSTS = ("127.0.11.70", "127.0.11.71")
 PORT = 4370  # every node on the same mesh port, as the contract says
 COOKIE = "control-commands-cookie-5e4d3c2b1a09f8e7"
 ONE_MIB = 1024 * 1024  # the documented bound on one request line
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+
+
+@contextlib.contextmanager
+def refused(code: int, message: str) -> Iterator[None]:
+    """A ControlError with this errno and exactly this text: `shoal` prints the text, and the
+    errno tells it "no node running" (ENOENT, ECONNREFUSED) from other failures."""
+    with pytest.raises(ControlError) as raised:
+        yield
+    assert (raised.value.errno, raised.value.strerror) == (code, message)
+
+
+@pytest.fixture(autouse=True)
+def stdlib_displayhook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's first remote session installs the console's hook itself: one left by an
+    earlier test would hide a broken install."""
+    monkeypatch.setattr(sys, "displayhook", sys.__displayhook__)
 
 
 def free_port(host: str) -> int:
@@ -66,7 +85,7 @@ def settings(host: str, run_dir: Path, **overrides: Any) -> Settings:
         host=host,
         port=PORT,
         topology="static",
-        handshake_timeout=0.5,
+        handshake_timeout=0.2,
         control_socket=str(run_dir / host / "node.sock"),
     )
     values.update(overrides)
@@ -443,14 +462,30 @@ async def test_the_per_user_directory_is_created_0700_and_checked(
     finally:
         await server.stop()
     (socket_dir() / "file.sock").write_text("not a socket")
-    with pytest.raises(ControlError, match="exists and is not a socket"):
-        await ControlServer(node, socket_dir() / "file.sock").start()
+    file = socket_dir() / "file.sock"
+    with refused(errno.EEXIST, f"{file} exists and is not a socket; not replacing it"):
+        await ControlServer(node, file).start()
     # A symlink planted where the directory should be is not followed.
     shutil.rmtree(socket_dir())
     (run_dir / "elsewhere").mkdir(mode=0o700)
     socket_dir().symlink_to(run_dir / "elsewhere")
-    with pytest.raises(ControlError, match="is not a directory owned by uid"):
+    uid = os.getuid()
+    with refused(
+        errno.EPERM,
+        f"{socket_dir()} is not a directory owned by uid {uid} (owner: uid {uid}); refusing to "
+        f"use it. Someone else may have created it: remove it (as root: `rm -rf {socket_dir()}`"
+        "), or set XDG_RUNTIME_DIR or SHOAL_CONTROL_SOCKET to a place of your own",
+    ):
         await ControlServer(node, socket_dir() / "n.sock").start()
+
+
+async def test_a_socket_a_running_node_listens_on_is_not_taken_over(node: Node) -> None:
+    assert node.control is not None
+    path = node.control.path
+    message = f"{path} is in use by another running node (set SHOAL_CONTROL_SOCKET)"
+    with refused(errno.EADDRINUSE, message):
+        await ControlServer(node, path).start()
+    assert result(await ask(node, "nodes")) == []
 
 
 # the client side ----------------------------------------------------------------------------
@@ -468,28 +503,92 @@ async def test_the_client_talks_to_the_node(node: Node) -> None:
 
 
 async def test_the_client_refuses_a_directory_others_could_have_planted(run_dir: Path) -> None:
-    with pytest.raises(ControlError, match="cannot open"):
-        check_trusted_dir(run_dir / "missing")
+    missing = run_dir / "missing"
+    with refused(errno.ENOENT, f"cannot open {missing}: No such file or directory"):
+        check_trusted_dir(missing)
     for mode in (0o770, 0o702):
         os.chmod(run_dir, mode)
-        with pytest.raises(ControlError, match="writable by other users"):
+        with refused(
+            errno.EPERM,
+            f"{run_dir} is writable by other users (mode {mode:o}): not connecting; "
+            f"`chmod 700 {run_dir}` if it is yours",
+        ):
             check_trusted_dir(run_dir)
     for mode in (0o700, 0o755):
         os.chmod(run_dir, mode)
         check_trusted_dir(run_dir)
     # A sticky directory of root's, like /tmp, is accepted (the server's uid is checked).
     check_trusted_dir(Path("/tmp"))
+    uid = os.getuid()
     (run_dir / "file").write_text("")
-    with pytest.raises(ControlError, match="is not a directory owned by you"):
+    with refused(errno.EPERM, planted(run_dir / "file", uid)):
         check_trusted_dir(run_dir / "file")
-    if os.getuid() == 0:  # as root: a directory another user owns
-        os.chown(run_dir, 65534, 65534)
-        with pytest.raises(ControlError, match=r"owned by you .* but by uid 65534"):
+    if uid == 0:  # as root: a directory another user owns
+        os.chown(run_dir, NOBODY, NOBODY)
+        with refused(errno.EPERM, planted(run_dir, NOBODY)):
             check_trusted_dir(run_dir)
 
 
-def serve_once(path: Path, answer: bytes) -> threading.Thread:
-    """A stand-in server on a real socket: reads one request, writes `answer`, hangs up."""
+def planted(path: Path, owner: int) -> str:
+    return (
+        f"{path} is not a directory owned by you (uid {os.getuid()}) but by uid {owner}: "
+        "another user may be impersonating the node; not connecting"
+    )
+
+
+# The system's python, which any user can run (the venv's may sit in a private directory).
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+SERVER_AS_NOBODY = """
+import os, socket, sys
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(sys.argv[1])
+os.chmod(sys.argv[1], 0o777)
+listener.listen()
+print("listening", flush=True)
+conn, _ = listener.accept()
+conn.settimeout(10)
+got = b""
+while chunk := conn.recv(4096):
+    got += chunk
+print("received", len(got), flush=True)
+"""
+
+
+@needs_root
+async def test_the_client_refuses_a_socket_served_by_another_user(run_dir: Path) -> None:
+    """In a shared sticky directory (as /tmp is) another user can listen where we look: the
+    server's uid stops the client, before it sends a byte."""
+    os.chmod(run_dir, 0o755)
+    shared = run_dir / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    path = shared / "n.sock"
+    python = PYTHON
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is needed to run as another user"
+    argv = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", python]
+    server = await asyncio.create_subprocess_exec(
+        *argv, "-c", SERVER_AS_NOBODY, str(path), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert server.stdout is not None
+        assert await asyncio.wait_for(server.stdout.readline(), 10) == b"listening\n"
+        message = (
+            f"the process behind {path} runs as uid {NOBODY}, not as you (uid {os.getuid()}); "
+            "not talking to it"
+        )
+        with refused(errno.EPERM, message):
+            await asyncio.to_thread(ControlClient, path)
+        assert await asyncio.wait_for(server.stdout.readline(), 10) == b"received 0\n"
+    finally:
+        if server.returncode is None:
+            server.kill()
+        await server.wait()
+
+
+def serve_once(path: Path, answer: bytes | None) -> threading.Thread:
+    """A stand-in server on a real socket: reads one request, writes `answer` and hangs up
+    (None: waits up to 5 s for the client to hang up)."""
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
     listener.listen()
@@ -499,7 +598,12 @@ def serve_once(path: Path, answer: bytes) -> threading.Thread:
             listener.settimeout(10)
             conn, _ = listener.accept()
             with conn:
+                conn.settimeout(5)
                 conn.recv(4096)
+                if answer is None:
+                    with contextlib.suppress(TimeoutError):
+                        conn.recv(1)
+                    return
                 conn.sendall(answer)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -507,31 +611,91 @@ def serve_once(path: Path, answer: bytes) -> threading.Thread:
     return thread
 
 
+NOT_A_REPLY = (errno.EPROTO, "the node sent something that is not a reply")
+
+
 @pytest.mark.parametrize(
     ("answer", "error"),
     [
-        (b"", "the node closed"),
-        (b"[1]\n", "not a reply"),
-        (b"7\n", "not a reply"),
-        (b'{"ok": "' + b"x" * ONE_MIB + b'"}\n', f"reply is longer than {ONE_MIB} bytes"),
+        (b"", (errno.ECONNRESET, "the node closed {path}")),
+        (b"[1]\n", NOT_A_REPLY),
+        (b"7\n", NOT_A_REPLY),
+        (
+            b'{"ok": "' + b"x" * ONE_MIB + b'"}\n',
+            (errno.EMSGSIZE, f"the node's reply is longer than {ONE_MIB} bytes"),
+        ),
     ],
 )
 def test_the_client_reports_a_node_that_hangs_up_or_answers_nonsense(
-    run_dir: Path, answer: bytes, error: str
+    run_dir: Path, answer: bytes, error: tuple[int, str]
 ) -> None:
-    thread = serve_once(run_dir / "s.sock", answer)
-    with ControlClient(run_dir / "s.sock", timeout=5) as client:
-        with pytest.raises(ControlError, match=error):
+    path = run_dir / "s.sock"
+    thread = serve_once(path, answer)
+    with ControlClient(path, timeout=5) as client:
+        with refused(error[0], error[1].format(path=path)):
             client.request("status")
     thread.join(5)
 
 
+def test_the_client_accepts_a_reply_of_exactly_the_bound(run_dir: Path) -> None:
+    envelope = b'{"ok": true, "result": ""}\n'
+    longest = b'{"ok": true, "result": "' + b"x" * (ONE_MIB - len(envelope)) + b'"}\n'
+    assert len(longest) == ONE_MIB
+    thread = serve_once(run_dir / "s.sock", longest)
+    with ControlClient(run_dir / "s.sock", timeout=5) as client:
+        assert len(client.request("status")["result"]) == ONE_MIB - len(envelope)
+    thread.join(5)
+
+
+def test_the_client_gives_up_on_a_node_that_does_not_answer(run_dir: Path) -> None:
+    thread = serve_once(run_dir / "s.sock", None)  # reads, never answers (for 5 s)
+    with ControlClient(run_dir / "s.sock", timeout=0.3) as client:
+        with pytest.raises(TimeoutError):
+            client.request("status")
+    thread.join(10)
+
+
+def test_a_node_that_accepts_nobody_does_not_hang_the_listing(run_dir: Path) -> None:
+    """`shoal` lists the running nodes by connecting to each socket: a hung node whose
+    backlog is full is left out after a second, not waited for."""
+    path = run_dir / "hung.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued: list[socket.socket] = []
+    try:
+        for _ in range(64):  # fill the backlog: the next connect would block
+            client = socket.socket(socket.AF_UNIX)
+            client.setblocking(False)
+            try:
+                client.connect(str(path))
+            except BlockingIOError:
+                client.close()
+                break
+            queued.append(client)
+        else:
+            pytest.fail("the backlog never filled")
+        found: list[list[Path]] = []
+        lister = threading.Thread(target=lambda: found.append(list(live_sockets(run_dir))))
+        lister.start()
+        lister.join(5)
+        assert not lister.is_alive(), "listing the sockets hangs on a node that accepts nobody"
+        assert found == [[]]
+    finally:
+        listener.close()  # also frees a lister still waiting
+        for client in queued:
+            client.close()
+
+
 def test_the_client_reports_a_socket_nobody_listens_on(run_dir: Path) -> None:
-    with pytest.raises(ControlError, match=r"cannot open .*s\.sock"):
-        ControlClient(run_dir / "s.sock")
+    missing = run_dir / "s.sock"
+    with refused(errno.ENOENT, f"cannot open {missing}: No such file or directory"):
+        ControlClient(missing)
     dead = socket.socket(socket.AF_UNIX)
     dead.bind(str(run_dir / "dead.sock"))
     dead.close()
+    with refused(errno.ECONNREFUSED, f"cannot open {run_dir / 'dead.sock'}: Connection refused"):
+        ControlClient(run_dir / "dead.sock")
     live = socket.socket(socket.AF_UNIX)
     live.bind(str(run_dir / "live.sock"))
     live.listen()
@@ -575,7 +739,19 @@ async def test_remote_runs_code_on_the_node_and_shows_results(
 ) -> None:
     async with remote(node) as console:
         await _remote_runs_code(console, node)
-    assert "out" not in capsys.readouterr().out  # nothing leaked to the node's own stdout
+        print("the node's own output")  # outside the session: where it always went
+    assert capsys.readouterr().out == "the node's own output\n"  # and nothing of the session
+
+
+async def test_remote_shows_values_on_a_node_without_stdout(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon may have no sys.stdout at all: values still show in the session."""
+    monkeypatch.setattr(sys, "stdout", None)
+    async with remote(node) as console:
+        assert (await typed(console, "6 * 7"))["output"] == "42\n"
+        assert (await typed(console, "_ + 1"))["output"] == "43\n"
+        assert (await typed(console, "None"))["output"] == ""
 
 
 async def _remote_runs_code(console: Conn, node: Node) -> None:
@@ -587,7 +763,7 @@ async def _remote_runs_code(console: Conn, node: Node) -> None:
     assert (await typed(console, "_ + '!'"))["output"] == repr(node.name + "!") + "\n"
     assert (await typed(console, "None"))["output"] == ""
     assert (await typed(console, "await asyncio.sleep(0, 'slept')"))["output"] == "'slept'\n"
-    assert (await typed(console, "print('out'); import sys; print('err', file=sys.stderr)"))[
+    assert (await typed(console, "print('out'); import sys; _ = sys.stderr.write('err\\n')"))[
         "output"
     ] == "out\nerr\n"
     # A block needs more lines; an empty line runs it.
@@ -653,9 +829,28 @@ async def test_remote_exit_and_hang_up_end_the_session(node: Node) -> None:
             "closed": True,
         }
         assert await console.closed()
+    routed, hook = sys.stdout, sys.displayhook
+    assert isinstance(routed, control._Routed) and not isinstance(routed.original, control._Routed)
     # Hanging up while code runs cancels that code.
     async with remote(node) as conn:
         await _hang_up_while_running(conn, node)
+    # Sessions share one routing of the process's streams: no chain grows per session.
+    assert (sys.stdout, sys.displayhook) == (routed, hook)
+    # A request that is not one, while code runs: refused, the session ends, the code stops.
+    async with remote(node) as conn:
+        await conn.send({"line": "node.held = asyncio.get_running_loop().create_future()"})
+        await conn.receive()
+        await conn.send({"line": "await node.held"})
+        await conn.send_raw(b"not json\n")
+        assert await conn.receive() == {
+            "ok": False,
+            "code": "bad-request",
+            "error": "a request is one JSON object per line",
+        }
+        assert await conn.receive() == {"output": "", "more": False, "closed": True}
+        assert await conn.closed()
+        held = node.held  # type: ignore[attr-defined]
+        await async_wait_until(held.cancelled, timeout=5, message="the running code cancelled")
 
 
 async def _hang_up_while_running(conn: Conn, node: Node) -> None:
