@@ -414,6 +414,19 @@ async def test_stop_closes_sessions_and_removes_only_its_own_socket(
         conn.close()
         await second.stop()
     assert not path.exists()
+    await ControlServer(node, path).stop()  # never started: nothing to do
+    third = ControlServer(node, path)
+    await third.start()
+    path.unlink()  # removed under a running server: stop still ends it quietly
+    await third.stop()
+
+
+async def test_a_finished_connection_leaves_nothing_behind(node: Node) -> None:
+    assert node.control is not None
+    for _ in range(3):
+        assert result(await ask(node, "nodes")) == []
+    server = node.control
+    await async_wait_until(lambda: not server._sessions, timeout=5, message="sessions ended")
 
 
 async def ask_path(path: Path, name: str) -> dict[str, Any]:
@@ -445,6 +458,22 @@ async def test_a_directory_of_the_users_choosing_keeps_its_mode(node: Node, run_
         assert result(await ask_path(deep.path, "nodes")) == []
     finally:
         await deep.stop()
+
+
+async def test_a_node_listens_where_it_is_configured_or_in_the_per_user_place(
+    node: Node, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert node.control is not None
+    assert node.control.path == Path(str(node.settings.control_socket))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run_dir))
+    default = Node(settings(HOSTS[1], run_dir, control_socket=None))
+    await default.start()
+    try:
+        assert default.control is not None
+        assert default.control.path == run_dir / "shoal" / f"{default.name}.sock"
+        assert result(await ask(default, "status"))["node"] == default.name
+    finally:
+        await default.stop()
 
 
 async def test_the_per_user_directory_is_created_0700_and_checked(
@@ -722,7 +751,10 @@ async def remote(node: Node) -> AsyncIterator[Conn]:
         f"Python {sys.version.split()[0]} asyncio console inside {node.name} (pid {os.getpid()})."
     )
     assert lines[1] == "`node` is the running shoal.Node; `await` works at the top level."
-    assert "blocking calls stall the node" in lines[2] and "Ctrl-D (or exit()) leaves" in lines[2]
+    assert lines[2] == (
+        "Code runs on the node's event loop: blocking calls stall the node. "
+        "Ctrl-D (or exit()) leaves; the node keeps running."
+    )
     try:
         yield conn
     finally:
@@ -860,3 +892,14 @@ async def _hang_up_while_running(conn: Conn, node: Node) -> None:
     conn.writer.write_eof()
     held = node.held  # type: ignore[attr-defined]
     await async_wait_until(held.cancelled, timeout=5, message="the running code cancelled")
+
+
+async def test_remote_refuses_a_request_that_is_not_one_and_closes(node: Node) -> None:
+    async with remote(node) as console:
+        await console.send_raw(b"[]\n")
+        assert await console.receive() == {
+            "ok": False,
+            "code": "bad-request",
+            "error": "a request is one JSON object per line",
+        }
+        assert await console.closed()
