@@ -173,6 +173,11 @@ async def test_send_runs_the_handler_on_the_node_named_with_the_sender(
     await a.send(b.name, "inbox", "to b")
     await async_wait_until(lambda: on_b == [("to b", a.name)], timeout=DEADLINE)
     assert on_a == [("to myself", a.name)]
+    # A call to the node itself tells the handler so, as a peer's call names the peer.
+    for sync_to_thread in (True, False):
+        a.register(f"sender-{sync_to_thread}", lambda _p, s: s, sync_to_thread=sync_to_thread)
+        assert await a.call(a.name, f"sender-{sync_to_thread}", None) == a.name
+        assert await b.call(a.name, f"sender-{sync_to_thread}", None) == b.name
     with pytest.raises(NodeDown, match=r"hi@127\.0\.20\.254 is not connected"):
         await a.send("hi@127.0.20.254", "inbox", None)
 
@@ -502,11 +507,29 @@ async def test_calls_refused_as_busy_are_logged_at_most_once_a_second(
     b.register("held", held)
     first = asyncio.ensure_future(a.call(b.name, "held", None))
     await async_wait_until(lambda: b.messaging._inflight, timeout=DEADLINE)
-    for _ in range(3):
+    refused = 0
+
+    def refusals() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "refusing a message" in r.msg]
+
+    async def refuse() -> None:
+        nonlocal refused
         with pytest.raises(Busy, match=f"{b.name} is busy: too many calls from {a.name}"):
             await a.call(b.name, "held", None)
-    refusals = [r.getMessage() for r in caplog.records if "refusing a message" in r.msg]
-    assert len(refusals) == 1 and "1 refused so far" in refusals[0]
+        refused += 1
+
+    for _ in range(3):
+        await refuse()
+    assert len(refusals()) == 1 and "1 refused so far" in refusals()[0].getMessage()
+    # Refused all along, it is logged again a second later, with the count.
+    deadline = time.monotonic() + DEADLINE
+    while len(refusals()) < 2:
+        assert time.monotonic() < deadline, "an overload that goes on is not logged again"
+        await refuse()
+        await asyncio.sleep(0.02)  # a steady trickle of refused calls, not a proof
+    first_log, second_log = refusals()
+    assert 1.0 <= second_log.created - first_log.created < 1.9
+    assert f"{refused} refused so far" in second_log.getMessage()
     release.set()
     assert await first == "held"
 
@@ -574,5 +597,6 @@ def test_a_failed_reply_is_read_as_type_and_message_only_when_it_is_exactly_that
 ) -> None:
     error = RemoteError.from_wire(value)
     assert (error.type_name, error.message) == (type_name, message)
+    assert repr(error) == f"RemoteError({message!r})"  # as logs and tracebacks show it
     assert messaging.error_to_wire(error) == [type_name, message]
     assert messaging.error_to_wire(KeyError("k")) == ["KeyError", "'k'"]
