@@ -520,7 +520,7 @@ async def test_calls_refused_as_busy_are_logged_at_most_once_a_second(
 
     for _ in range(3):
         await refuse()
-    assert len(refusals()) == 1 and "1 refused so far" in refusals()[0].getMessage()
+    assert len(refusals()) == 1 and "; 1 refused so far)" in refusals()[0].getMessage()
     # Refused all along, it is logged again a second later, with the count.
     deadline = time.monotonic() + DEADLINE
     while len(refusals()) < 2:
@@ -529,7 +529,7 @@ async def test_calls_refused_as_busy_are_logged_at_most_once_a_second(
         await asyncio.sleep(0.02)  # a steady trickle of refused calls, not a proof
     first_log, second_log = refusals()
     assert 1.0 <= second_log.created - first_log.created < 1.9
-    assert f"{refused} refused so far" in second_log.getMessage()
+    assert f"; {refused} refused so far)" in second_log.getMessage()
     release.set()
     assert await first == "held"
 
