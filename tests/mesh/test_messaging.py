@@ -372,6 +372,39 @@ def reply_to(sender: Node, node: Node, *frame: Any) -> None:
     sender.mesh.connection_to(node.name).send([wire.REPLY, *frame])
 
 
+@pytest.mark.parametrize(
+    "frame",
+    [
+        [wire.CALL, "h", 1],  # a call without its id
+        [wire.SEND, "h", 1, 2],
+        [wire.SEND, 5, 1],
+        [wire.PUBLISH, 5, 1],
+        [wire.PUBLISH, "t"],
+        [wire.REPLY, 1, True],
+    ],
+    ids=repr,
+)
+async def test_a_malformed_message_drops_the_peer_that_sent_it(
+    make_node: NodeFactory, frame: list[Any]
+) -> None:
+    a, b = await mesh_of(make_node, 2)
+    got: list[Any] = []
+    b.register("h", lambda payload, _sender: got.append(payload), sync_to_thread=False)
+    with b.subscribe("t") as topic:
+        assert a.mesh is not None
+        a.mesh.connection_to(b.name).send(frame)
+        await async_wait_until(lambda: a.name not in b.nodes(), timeout=DEADLINE, message="dropped")
+        assert got == [] and topic._queue.empty()
+
+
+async def test_a_reply_for_no_call_is_ignored_whatever_its_id(make_node: NodeFactory) -> None:
+    a, b = await mesh_of(make_node, 2)
+    for call_id in ([1], "1", None, 10**6):
+        reply_to(b, a, call_id, True, "for no call")
+    assert await a.call(b.name, "shoal.ping", None) == "pong"
+    assert b.name in a.nodes() and a.name in b.nodes()
+
+
 async def test_a_reply_counts_only_from_the_called_node_and_for_a_waiting_call(
     make_node: NodeFactory,
 ) -> None:
@@ -398,6 +431,7 @@ async def test_a_reply_counts_only_from_the_called_node_and_for_a_waiting_call(
         ("too_large", "the reply: 2 MB", ReplyTooLarge, "ReplyTooLarge: the reply: 2 MB"),
         ("from a newer node", ["X", "y"], RemoteError, "X: y"),
         (None, ["X", "y"], RemoteError, "X: y"),
+        ([1], ["X", "y"], RemoteError, "X: y"),
     ],
 )
 async def test_each_kind_of_failed_reply_raises_its_error(
