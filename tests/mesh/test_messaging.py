@@ -313,6 +313,8 @@ async def test_calls_answer_in_any_order_and_each_caller_gets_its_own_reply(
     assert await asyncio.gather(*from_a) == [[0, a.name], [1, a.name]]
     assert await asyncio.gather(*from_c) == [[2, c.name], [3, c.name]]
     assert a.messaging._calls == {} and c.messaging._calls == {}
+    # Nothing is kept of the handler runs once they are over (no growth per message).
+    await async_wait_until(lambda: not b.messaging._tasks, timeout=DEADLINE, message="tasks")
 
 
 async def test_each_remote_call_is_timed_for_the_metrics(make_node: NodeFactory) -> None:
