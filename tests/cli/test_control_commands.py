@@ -653,6 +653,10 @@ NOT_A_REPLY = (errno.EPROTO, "the node sent something that is not a reply")
             b'{"ok": "' + b"x" * ONE_MIB + b'"}\n',
             (errno.EMSGSIZE, f"the node's reply is longer than {ONE_MIB} bytes"),
         ),
+        (  # 1 MiB of JSON and its newline are read; one byte more is not
+            b'{"ok": "' + b"x" * (ONE_MIB + 2 - len(b'{"ok": ""}\n')) + b'"}\n',
+            (errno.EMSGSIZE, f"the node's reply is longer than {ONE_MIB} bytes"),
+        ),
     ],
 )
 def test_the_client_reports_a_node_that_hangs_up_or_answers_nonsense(
@@ -772,7 +776,9 @@ async def test_remote_runs_code_on_the_node_and_shows_results(
     async with remote(node) as console:
         await _remote_runs_code(console, node)
         print("the node's own output")  # outside the session: where it always went
-    assert capsys.readouterr().out == "the node's own output\n"  # and nothing of the session
+        print("the node's own error", file=sys.stderr)
+    captured = capsys.readouterr()  # and nothing of the session
+    assert (captured.out, captured.err) == ("the node's own output\n", "the node's own error\n")
 
 
 async def test_remote_shows_values_on_a_node_without_stdout(
@@ -861,13 +867,15 @@ async def test_remote_exit_and_hang_up_end_the_session(node: Node) -> None:
             "closed": True,
         }
         assert await console.closed()
-    routed, hook = sys.stdout, sys.displayhook
-    assert isinstance(routed, control._Routed) and not isinstance(routed.original, control._Routed)
+    routed, routed_err, hook = sys.stdout, sys.stderr, sys.displayhook
+    for stream in (routed, routed_err):
+        assert isinstance(stream, control._Routed)
+        assert not isinstance(stream.original, control._Routed)
     # Hanging up while code runs cancels that code.
     async with remote(node) as conn:
         await _hang_up_while_running(conn, node)
     # Sessions share one routing of the process's streams: no chain grows per session.
-    assert (sys.stdout, sys.displayhook) == (routed, hook)
+    assert (sys.stdout, sys.stderr, sys.displayhook) == (routed, routed_err, hook)
     # A request that is not one, while code runs: refused, the session ends, the code stops.
     async with remote(node) as conn:
         await conn.send({"line": "node.held = asyncio.get_running_loop().create_future()"})
