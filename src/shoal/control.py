@@ -54,8 +54,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.control")
 
-# A request line longer than this is refused and the connection closed.
+# A request line longer than this is refused and the connection closed; no reply is longer
+# either (a longer result is an error, longer console output is cut).
 MAX_LINE = 1024 * 1024
+# Console output kept when a reply would be too long: fits in MAX_LINE however JSON escapes it.
+_OUTPUT_KEPT = MAX_LINE // 16
 # A control command that takes longer than this fails instead of hanging the client.
 COMMAND_TIMEOUT = 30.0
 
@@ -343,8 +346,24 @@ async def _read_json(
 
 
 async def _write(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-    writer.write(json.dumps(message, default=str).encode() + b"\n")
+    data = json.dumps(message, default=str).encode() + b"\n"
+    if len(data) > MAX_LINE:  # the client reads at most MAX_LINE bytes per reply
+        data = json.dumps(_shortened(message, len(data)), default=str).encode() + b"\n"
+    writer.write(data)
     await writer.drain()
+
+
+def _shortened(message: dict[str, Any], size: int) -> dict[str, Any]:
+    """A reply too long for one line: console output cut with a note, otherwise an error."""
+    if "output" not in message:
+        return _error(
+            "failed",
+            f"the reply is {size} bytes, more than a control socket reply may be "
+            f"({MAX_LINE}); ask for less",
+        )
+    output = str(message["output"])
+    note = f"\n[output cut: {len(output) - _OUTPUT_KEPT} more characters not shown]\n"
+    return {**message, "output": output[:_OUTPUT_KEPT] + note}
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -663,6 +682,8 @@ class ControlClient:
         line = self._file.readline(MAX_LINE + 1)
         if not line:
             raise ControlError(errno.ECONNRESET, f"the node closed {self.path}")
+        if not line.endswith(b"\n"):
+            raise ControlError(errno.EMSGSIZE, f"the node's reply is longer than {MAX_LINE} bytes")
         reply = json.loads(line)
         if not isinstance(reply, dict):
             raise ControlError(errno.EPROTO, "the node sent something that is not a reply")

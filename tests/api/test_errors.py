@@ -109,7 +109,7 @@ async def test_run_now_returns_a_run_result_here_and_on_a_peer(make_node: NodeFa
             assert ctx.job == "report"
 
     here = await a.jobs.run_now("report")
-    there = await a.jobs.run_on(b.name, "report")
+    there = await a.jobs.run_on(b.name, "report", timeout=5)
     assert isinstance(here, RunResult) and isinstance(there, RunResult)
     assert (here.node, here.status) == (a.name, "ok")
     assert (there.node, there.status) == (b.name, "ok")
@@ -117,5 +117,5 @@ async def test_run_now_returns_a_run_result_here_and_on_a_peer(make_node: NodeFa
     with pytest.raises(JobNotFound):
         await a.jobs.run_now("nope")
     with pytest.raises(RemoteError) as raised:
-        await a.jobs.run_on(b.name, "nope")
+        await a.jobs.run_on(b.name, "nope", timeout=5)
     assert raised.value.type_name == "JobNotFound"

@@ -99,7 +99,8 @@ async def test_a_call_without_a_reply_in_time_raises_call_timeout(
     b.register("stuck", stuck)
     started = time.monotonic()
     with pytest.raises(CallTimeout, match=r"'stuck' on .* did not reply within 0\.3 s"):
-        await a.call(b.name, "stuck", None, timeout=0.3)
+        # Bounded here too: a call whose timer never fires must fail the test, not hang it.
+        await asyncio.wait_for(a.call(b.name, "stuck", None, timeout=0.3), 5)
     assert 0.25 <= time.monotonic() - started < 3
     assert a.messaging._calls == {}  # the pending call is gone
     release.set()  # the late reply finds no call and is dropped
