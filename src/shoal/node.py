@@ -34,6 +34,12 @@ MembershipListener = Callable[[MembershipEvent], None]
 JobFunc = TypeVar("JobFunc", bound=Callable[..., Any])
 
 
+def _has_asyncpg() -> bool:
+    import importlib.util  # here: only a node with SHOAL_LEASE_DSN asks
+
+    return importlib.util.find_spec("asyncpg") is not None
+
+
 class Node:
     """A shoal node: mesh, discovery and messaging for one process."""
 
@@ -100,6 +106,13 @@ class Node:
         if self.settings.tls is not None and shoal.loop.name() == "uvloop":
             raise ConfigError(
                 f"TLS on the mesh needs asyncio's event loop: {shoal.loop.TLS_REASON}"
+            )
+        if self.settings.lease_dsn and not _has_asyncpg():
+            # Retrying cannot install it: without this the node would serve but never run
+            # a singleton or a cluster job, saying why only in its log.
+            raise ConfigError(
+                "SHOAL_LEASE_DSN (the lease and the job store) needs asyncpg: "
+                "pip install 'shoal[lease]'"
             )
         # The jobs register their handlers and leader singleton before any peer can talk to us.
         jobs = self.jobs

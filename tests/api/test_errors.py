@@ -4,16 +4,20 @@ timeouts say what timed out; run_now has one result type."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import pytest
 
 from shoal import (
     CallTimeout,
+    ConfigError,
     JobNotFound,
+    Node,
     RemoteError,
     RunContext,
     RunResult,
+    Settings,
     WaitTimeout,
 )
 from tests.mesh.conftest import NodeFactory, peer_of
@@ -119,3 +123,22 @@ async def test_run_now_returns_a_run_result_here_and_on_a_peer(make_node: NodeFa
     with pytest.raises(RemoteError) as raised:
         await a.jobs.run_on(b.name, "nope")
     assert raised.value.type_name == "JobNotFound"
+
+
+async def test_a_lease_dsn_without_asyncpg_fails_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retrying cannot install the `lease` extra: the node must not start and serve while
+    it never runs a singleton or a cluster job, saying why only in its log (off by default)."""
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # as if shoal[lease] was not installed
+    settings = Settings(
+        cookie="test-cookie-errors-asyncpg-5e4d3c2b1a09f8e7",
+        host="127.0.0.1",
+        topology="static",
+        lease_dsn="postgresql://nobody@127.0.0.1:1/none",
+    )
+    node = Node(settings)
+    try:
+        with pytest.raises(ConfigError, match=r"SHOAL_LEASE_DSN .*shoal\[lease\]"):
+            await node.start()
+        assert node.mesh is None and not node.listening
+    finally:
+        await node.stop()
