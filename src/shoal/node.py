@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -220,6 +221,16 @@ class Node:
         self._first_round.set()
 
     # membership ------------------------------------------------------------
+    def _failed_handshakes(self) -> str:
+        """Why peers may be missing, for a timeout's message: the log (off unless the app
+        configures logging) is where a newcomer with a mistyped cookie would not look."""
+        failed = self.mesh.stats.handshake_failures if self.mesh is not None else Counter()
+        if not failed:
+            return ""
+        counts = ", ".join(f"{reason} {count}" for reason, count in sorted(failed.items()))
+        hint = " (a different RELEASE_COOKIE?)" if failed["cookie"] else ""
+        return f"; failed handshakes since start: {counts}{hint}; the 'shoal' logger says more"
+
     def nodes(self) -> list[str]:
         """Connected peers' full names, sorted (this node not included)."""
         return self.mesh.peers if self.mesh is not None else []
@@ -240,7 +251,8 @@ class Node:
             seen = self.nodes()
             raise WaitTimeout(
                 f"{len(seen)} of {n} peers connected to {self.name} within {timeout:g} s: "
-                f"{', '.join(seen) or 'none'}",
+                f"{', '.join(seen) or 'none'}"
+                f"{self._failed_handshakes()}",
                 timeout,
             ) from None
         finally:

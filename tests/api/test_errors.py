@@ -142,3 +142,19 @@ async def test_a_lease_dsn_without_asyncpg_fails_the_start(monkeypatch: pytest.M
         assert node.mesh is None and not node.listening
     finally:
         await node.stop()
+
+
+async def test_wait_for_nodes_says_when_handshakes_failed_for_the_cookie(
+    make_node: NodeFactory,
+) -> None:
+    """A mistyped cookie shows only in the log, which apps do not see unless they configure
+    logging: the timeout names the failed handshakes."""
+    a = await make_node()
+    b = await make_node(peers=[peer_of(a)], cookie="another-cookie-for-this-test-9f8e7d6c5b4a3")
+    for node in (a, b):
+        with pytest.raises(
+            WaitTimeout,
+            match=r"0 of 1 peers .*: none; failed handshakes since start: cookie \d+ "
+            r"\(a different RELEASE_COOKIE\?\)",
+        ):
+            await node.wait_for_nodes(1, timeout=2.5)
