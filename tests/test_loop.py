@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 
 import pytest
 
+import shoal
 from shoal import ConfigError, Node, Settings
 from shoal import loop as shoal_loop
 from shoal.config import TLSFiles
@@ -63,3 +66,31 @@ def test_a_tls_node_refuses_to_start_on_uvloop() -> None:
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
     ):
         runner.run(start())
+
+
+def test_a_loop_that_cannot_be_made_leaves_no_coroutine_never_awaited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`shoal.run(node, main())` whose loop is refused before it starts: the ConfigError
+    alone, not also "coroutine 'serve'/'main' was never awaited" warnings."""
+    monkeypatch.setenv("SHOAL_TLS_CERT", "/x.crt")
+    monkeypatch.setenv("SHOAL_EVENT_LOOP", "uvloop")  # refused with TLS, before any loop runs
+    node = Node(
+        Settings(
+            cookie="a-cookie-that-is-long-enough-0123456789",
+            host="127.0.0.1",
+            topology="static",
+        )
+    )
+
+    async def main() -> None:
+        pass
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError, match="SHOAL_EVENT_LOOP"):
+            shoal.run(node, main())
+        with pytest.raises(ConfigError, match="SHOAL_EVENT_LOOP"):
+            shoal.run(main())
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []

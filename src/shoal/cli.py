@@ -54,8 +54,8 @@ def find_socket(node: str | None, socket_path: Path | None) -> Path:
     if not live:
         fail(
             f"no shoal node is running for this user (no control socket in {directory}).\n"
-            "Start one (e.g. `.venv/bin/hi` or `./scripts/run`), or pass --socket PATH "
-            "if it uses SHOAL_CONTROL_SOCKET."
+            "Start your app's node as this user (a node makes its socket when it starts), "
+            "or pass --socket PATH if it uses SHOAL_CONTROL_SOCKET."
         )
     names = "\n".join(f"  {path.name.removesuffix('.sock')}" for path in live)
     fail(f"several nodes are running; choose one with --node NAME:\n{names}")

@@ -336,7 +336,8 @@ def _check_types(settings: Settings) -> None:
         if not _has_type(value, expected):
             var = _FIELD_VARS.get(item.name)
             hint = f" (the setting of {var})" if var else ""
-            shown = "a value" if item.name in ("cookie", "lease_dsn") else repr(value)
+            secret = item.name in ("cookie", "lease_dsn")
+            shown = "(its value is not shown: a secret)" if secret else repr(value)
             extra = ""
             if item.name == "hosts":
                 extra = (

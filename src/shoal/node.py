@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,6 +33,12 @@ log = logging.getLogger("shoal.node")
 
 MembershipListener = Callable[[MembershipEvent], None]
 JobFunc = TypeVar("JobFunc", bound=Callable[..., Any])
+
+
+def _has_asyncpg() -> bool:
+    import importlib.util  # here: only a node with SHOAL_LEASE_DSN asks
+
+    return importlib.util.find_spec("asyncpg") is not None
 
 
 class Node:
@@ -100,6 +107,13 @@ class Node:
         if self.settings.tls is not None and shoal.loop.name() == "uvloop":
             raise ConfigError(
                 f"TLS on the mesh needs asyncio's event loop: {shoal.loop.TLS_REASON}"
+            )
+        if self.settings.lease_dsn and not _has_asyncpg():
+            # Retrying cannot install it: without this the node would serve but never run
+            # a singleton or a cluster job, saying why only in its log.
+            raise ConfigError(
+                "SHOAL_LEASE_DSN (the lease and the job store) needs asyncpg: "
+                "pip install 'shoal[lease]'"
             )
         # The jobs register their handlers and leader singleton before any peer can talk to us.
         jobs = self.jobs
@@ -207,6 +221,16 @@ class Node:
         self._first_round.set()
 
     # membership ------------------------------------------------------------
+    def _failed_handshakes(self) -> str:
+        """Why peers may be missing, for a timeout's message: the log (off unless the app
+        configures logging) is where a newcomer with a mistyped cookie would not look."""
+        failed = self.mesh.stats.handshake_failures if self.mesh is not None else Counter()
+        if not failed:
+            return ""
+        counts = ", ".join(f"{reason} {count}" for reason, count in sorted(failed.items()))
+        hint = " (a different RELEASE_COOKIE?)" if failed["cookie"] else ""
+        return f"; failed handshakes since start: {counts}{hint}; the 'shoal' logger says more"
+
     def nodes(self) -> list[str]:
         """Connected peers' full names, sorted (this node not included)."""
         return self.mesh.peers if self.mesh is not None else []
@@ -227,7 +251,8 @@ class Node:
             seen = self.nodes()
             raise WaitTimeout(
                 f"{len(seen)} of {n} peers connected to {self.name} within {timeout:g} s: "
-                f"{', '.join(seen) or 'none'}",
+                f"{', '.join(seen) or 'none'}"
+                f"{self._failed_handshakes()}",
                 timeout,
             ) from None
         finally:

@@ -54,11 +54,29 @@ def run(
     (see `serve`). `run(coroutine)`: `asyncio.run(coroutine)` on that loop.
     """
     if isinstance(main, Node):
-        loop.run(serve(main, app), debug=debug)
+        serving = serve(main, app)
+        try:
+            loop.run(serving, debug=debug)
+        except BaseException:
+            _close(serving, app)
+            raise
         return None
     if app is not None:
         raise TypeError("shoal.run(coroutine) takes no app; use shoal.run(node, app)")
-    return loop.run(main, debug=debug)
+    try:
+        return loop.run(main, debug=debug)
+    except BaseException:
+        _close(main)
+        raise
+
+
+def _close(*coroutines: Coroutine[Any, Any, Any] | None) -> None:
+    """Close coroutines that may never have started (no event loop could be made, e.g.
+    SHOAL_EVENT_LOOP=uvloop without uvloop): else Python adds "coroutine ... was never
+    awaited" warnings to the error. A no-op for a coroutine that ran."""
+    for coroutine in coroutines:
+        if coroutine is not None:
+            coroutine.close()
 
 
 async def serve(node: Node, app: Coroutine[Any, Any, Any] | None = None) -> None:

@@ -4,16 +4,20 @@ timeouts say what timed out; run_now has one result type."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import pytest
 
 from shoal import (
     CallTimeout,
+    ConfigError,
     JobNotFound,
+    Node,
     RemoteError,
     RunContext,
     RunResult,
+    Settings,
     WaitTimeout,
 )
 from tests.mesh.conftest import NodeFactory, peer_of
@@ -119,3 +123,38 @@ async def test_run_now_returns_a_run_result_here_and_on_a_peer(make_node: NodeFa
     with pytest.raises(RemoteError) as raised:
         await a.jobs.run_on(b.name, "nope", timeout=5)
     assert raised.value.type_name == "JobNotFound"
+
+
+async def test_a_lease_dsn_without_asyncpg_fails_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retrying cannot install the `lease` extra: the node must not start and serve while
+    it never runs a singleton or a cluster job, saying why only in its log (off by default)."""
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # as if shoal[lease] was not installed
+    settings = Settings(
+        cookie="test-cookie-errors-asyncpg-5e4d3c2b1a09f8e7",
+        host="127.0.0.1",
+        topology="static",
+        lease_dsn="postgresql://nobody@127.0.0.1:1/none",
+    )
+    node = Node(settings)
+    try:
+        with pytest.raises(ConfigError, match=r"SHOAL_LEASE_DSN .*shoal\[lease\]"):
+            await node.start()
+        assert node.mesh is None and not node.listening
+    finally:
+        await node.stop()
+
+
+async def test_wait_for_nodes_says_when_handshakes_failed_for_the_cookie(
+    make_node: NodeFactory,
+) -> None:
+    """A mistyped cookie shows only in the log, which apps do not see unless they configure
+    logging: the timeout names the failed handshakes."""
+    a = await make_node()
+    b = await make_node(peers=[peer_of(a)], cookie="another-cookie-for-this-test-9f8e7d6c5b4a3")
+    for node in (a, b):
+        with pytest.raises(
+            WaitTimeout,
+            match=r"0 of 1 peers .*: none; failed handshakes since start: cookie \d+ "
+            r"\(a different RELEASE_COOKIE\?\)",
+        ):
+            await node.wait_for_nodes(1, timeout=2.5)

@@ -174,6 +174,7 @@ def test_errors_when_no_node_is_running(tmp_path: Path) -> None:
         assert result.returncode == 1, args
         assert "no shoal node is running" in result.stderr
         assert "Traceback" not in result.stderr
+        assert ".venv/bin/hi" not in result.stderr  # the wheel has no `hi`: it is an example
     named = shoal("status", "--node", "hi@127.0.11.9", env=env)
     assert named.returncode == 1
     assert "node hi@127.0.11.9 is not running on this machine" in named.stderr
