@@ -8,6 +8,7 @@ versions of these stories are in tests/cluster.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -97,6 +98,40 @@ async def test_a_node_that_stops_is_down_at_once_as_leaving(make_node: NodeFacto
     assert events == [MembershipEvent("down", b.name, "leaving")]
     assert time.monotonic() - started < 5  # told, not detected (that takes 30 s here)
     assert a.nodes() == []
+
+
+async def test_stop_is_bounded_when_a_peer_never_lets_the_connection_close(
+    make_node: NodeFactory,
+) -> None:
+    """A peer that stopped reading while our write buffer is full never lets a graceful
+    close finish (the buffer cannot drain): stop gives it 1 s, then aborts."""
+    a = await make_node(failure_timeout=30)
+    # b itself would drop the connection only after its failure timeout, 8 s.
+    b = await make_node([peer_of(a)], failure_timeout=8)
+    await connected(a, b)
+    b.register("sink", lambda _payload, _sender: None, sync_to_thread=False)
+    assert a.mesh is not None and b.mesh is not None
+    reader = b.mesh.connection_to(a.name).transport
+    writer = a.mesh.connection_to(b.name).transport
+    assert reader is not None and writer is not None
+    reader.pause_reading()
+    blob = b"x" * 60_000
+    for _ in range(1000):  # 60 MB at most: the kernel's buffers take a few MB
+        await a.send(b.name, "sink", blob)
+        if writer.get_write_buffer_size() > 0:
+            break
+    assert writer.get_write_buffer_size() > 0, "the socket buffers never filled"
+    events = events_of(b)
+    started = time.monotonic()
+    async with asyncio.timeout(20):  # fails the test, rather than hanging it
+        await a.stop()
+    elapsed = time.monotonic() - started
+    # Not before the 1 s given to the close (so the peer did hold it), and well before
+    # b's failure timeout, which would end a stop waiting for ever.
+    assert 0.9 <= elapsed < 3.0, elapsed
+    assert writer.is_closing()
+    await async_wait_until(lambda: events, timeout=5, message="b sees a down")
+    assert events == [MembershipEvent("down", a.name, "closed")]
 
 
 async def test_simultaneous_dials_leave_one_connection_both_sides_agree_on(
