@@ -902,6 +902,23 @@ async def _hang_up_while_running(conn: Conn, node: Node) -> None:
     await async_wait_until(held.cancelled, timeout=5, message="the running code cancelled")
 
 
+async def test_hanging_up_while_code_runs_ends_the_session_after_that_code_has_stopped(
+    node: Node,
+) -> None:
+    """The session's last message carries what the cancelled code's cleanup printed: the
+    session ends once that code has stopped, not while it still runs."""
+    async with remote(node) as conn:
+        block = ["async def slow():", "    try:", "        await asyncio.sleep(60)"]
+        block += ["    finally:", "        print('cleaned up')"]
+        for line in block:
+            assert (await typed(conn, line))["more"] is True
+        assert await typed(conn, "") == {"output": "", "more": False, "closed": False}
+        await conn.send({"line": "await slow()"})
+        conn.writer.write_eof()
+        assert await conn.receive() == {"output": "cleaned up\n", "more": False, "closed": True}
+        assert await conn.closed()
+
+
 async def test_remote_refuses_a_request_that_is_not_one_and_closes(node: Node) -> None:
     async with remote(node) as console:
         await console.send_raw(b"[]\n")
