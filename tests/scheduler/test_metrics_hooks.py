@@ -7,6 +7,7 @@ real nodes is tests/app/test_metrics.py.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -71,3 +72,36 @@ def test_handshake_failure_reasons_are_a_bounded_set() -> None:
     assert handshake_reason("unsupported protocol version 9") == "version"
     assert handshake_reason("expected HELLO") == "protocol"
     assert handshake_reason("rejected: wrong node") == "rejected"
+
+
+async def test_a_tick_skipped_for_overlap_is_counted_with_its_reason() -> None:
+    """overlap=False: a tick due while the previous run still runs is not run, and
+    shoal_job_skipped_ticks_total{reason="overlap"} counts it."""
+    node = Node(Settings(cookie=COOKIE, host="127.0.0.1", port=1, topology="static"))
+    metrics = NodeMetrics(node)
+    scheduler = node.scheduler
+    scheduler.dispatcher = None
+    release = asyncio.Event()
+
+    async def slow() -> None:
+        await release.wait()
+
+    scheduler.add_job("* * * * * *", slow, name="slow", run_strategy="local")
+    await scheduler.start()
+    try:
+        await async_wait_until(
+            lambda: (
+                sample(metrics, "shoal_job_skipped_ticks_total", job="slow", reason="overlap") >= 1
+            ),
+            5.0,
+            message="an overlap skip counted",
+        )
+        assert sample(metrics, "shoal_job_runs_total", job="slow", status="ok") == 0
+        release.set()
+        await async_wait_until(
+            lambda: sample(metrics, "shoal_job_runs_total", job="slow", status="ok") >= 1, 5.0
+        )
+    finally:
+        release.set()
+        await scheduler.stop(drain_timeout=0.5)
+    assert sample(metrics, "shoal_job_skipped_ticks_total", job="slow", reason="misfire") == 0
