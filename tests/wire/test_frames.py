@@ -108,6 +108,8 @@ def test_invalid_msgpack_body_is_a_frame_error() -> None:
     # The reason names what msgpack found, for the log line that drops the peer.
     with pytest.raises(wire.FrameError, match="^undecodable frame: FormatError$"):
         wire.FrameDecoder(LIMIT).feed(b"\x00\x00\x00\x01\xc1")
+    with pytest.raises(wire.FrameError, match="^undecodable frame: FormatError$"):
+        wire.unpack(b"\xc1")
 
 
 def test_trailing_bytes_inside_a_frame_are_a_frame_error() -> None:
