@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -795,11 +796,15 @@ async def _run_in_thread(func: SingletonFunc, ctx: SingletonContext) -> None:
 
     Its `ctx.is_valid()` asks the event loop (the holder's state lives there);
     once the loop is gone it answers False. Cancelling (a release) cannot stop
-    the thread: the function stops when `is_valid()` turns False.
+    the thread: the function stops when `is_valid()` turns False. An awaitable it
+    returns runs on the loop with that same context: there it answers directly.
     """
     loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
 
     def valid_from_thread() -> bool:
+        if threading.get_ident() == loop_thread:  # waiting on our own loop would block it
+            return ctx.is_valid()
         answer: concurrent.futures.Future[bool] = concurrent.futures.Future()
 
         def ask() -> None:
