@@ -106,9 +106,9 @@ def test_max_frames_leaves_the_rest_buffered(
 def test_invalid_msgpack_body_is_a_frame_error() -> None:
     # 0xc1 is the one byte msgpack never uses.
     # The reason names what msgpack found, for the log line that drops the peer.
-    with pytest.raises(wire.FrameError, match="^undecodable frame: FormatError$"):
+    with pytest.raises(wire.FrameError, match=r"^undecodable frame: FormatError$"):
         wire.FrameDecoder(LIMIT).feed(b"\x00\x00\x00\x01\xc1")
-    with pytest.raises(wire.FrameError, match="^undecodable frame: FormatError$"):
+    with pytest.raises(wire.FrameError, match=r"^undecodable frame: FormatError$"):
         wire.unpack(b"\xc1")
 
 
