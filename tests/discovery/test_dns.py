@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
+import dns.resolver
 import pytest
 
 from shoal.config import Peer, Settings
 from shoal.discovery import strategy_for
-from shoal.discovery.dns import DNSLookupError, DNSPollStrategy, _parse_server, lookup_all_ips
+from shoal.discovery.dns import (
+    DNSLookupError,
+    DNSPollStrategy,
+    _make_resolver,
+    _parse_server,
+    lookup_all_ips,
+)
 from tests.discovery.conftest import Rounds
 from tests.support.dns_server import LocalDNSServer
 from tests.support.procs import async_wait_until
@@ -225,3 +235,81 @@ async def test_a_nameserver_name_that_does_not_resolve_is_a_config_error() -> No
         await lookup_all_ips(NAME, "no-such-nameserver.invalid:5353", lifetime=0.3)
     assert raised.value.kind == "config"
     assert "'no-such-nameserver.invalid' cannot be resolved" in str(raised.value)
+
+
+async def test_a_nameserver_given_by_host_name_is_asked() -> None:
+    """SHOAL_DNS_SERVER may name its host (a compose service, here `localhost`): the name
+    is resolved, and peers come from that nameserver's records."""
+    # Listen where `localhost` resolves first (127.0.0.1, or ::1 on some hosts).
+    host = socket.getaddrinfo("localhost", None, type=socket.SOCK_DGRAM)[0][4][0]
+    with LocalDNSServer(str(host)) as nameserver:
+        nameserver.set_records(NAME, ["127.0.0.3", "127.0.0.4"])
+        env = {
+            "RELEASE_COOKIE": "discovery-test-cookie-6b1f0e3a9c2d4e87",
+            "TOPOLOGY_TYPE": "dns",
+            "NODE_HOST": "127.0.0.2",
+            "SERVICE_DISCOVERY_ENDPOINT": NAME,
+            "SHOAL_DNS_SERVER": f"localhost:{nameserver.port}",
+        }
+        strategy = strategy_for(Settings.from_env(env))
+        assert isinstance(strategy, DNSPollStrategy)
+        assert await strategy.poll() == peers("127.0.0.3", "127.0.0.4")
+        assert await lookup_all_ips(NAME, env["SHOAL_DNS_SERVER"]) == ["127.0.0.3", "127.0.0.4"]
+
+
+@pytest.fixture
+def resolv_conf(
+    dns_server: LocalDNSServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """The system resolver's configuration for this test, in place of /etc/resolv.conf: an
+    ECS task's (with its search list), whose nameserver is the test DNS server."""
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 127.0.0.1\nsearch ec2.internal\n")
+    read = dns.resolver.BaseResolver.read_resolv_conf
+
+    def read_ours(self: dns.resolver.BaseResolver, f: Any) -> None:
+        self.port = dns_server.port  # resolv.conf cannot say which port
+        read(self, path)
+
+    monkeypatch.setattr(dns.resolver.BaseResolver, "read_resolv_conf", read_ours)
+    return path
+
+
+async def test_without_a_dns_server_the_system_resolver_is_asked(
+    dns_server: LocalDNSServer, resolv_conf: Path
+) -> None:
+    """No SHOAL_DNS_SERVER (the default, e.g. on ECS): the nameserver of resolv.conf."""
+    dns_server.set_records(NAME, ["127.0.0.3"])
+    s = settings(dns_server, dns_server=None)
+    assert await DNSPollStrategy(s, lifetime=1).poll() == peers("127.0.0.3")
+    assert await lookup_all_ips(NAME) == ["127.0.0.3"]
+    assert dns_server.query_count(NAME) >= 2
+
+
+@pytest.mark.parametrize("search_list_from", ["resolv-conf", "host-name"])
+async def test_the_endpoint_is_asked_as_given_never_through_a_search_list(
+    dns_server: LocalDNSServer,
+    resolv_conf: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    search_list_from: str,
+) -> None:
+    """An ECS task's resolv.conf says `search ec2.internal` (and an EC2 host's name ends in
+    it, which dnspython also uses as a search domain): a missing `hi.service.local` must stay
+    missing, not silently become `hi.service.local.ec2.internal`, another name's records."""
+    searched = f"{NAME}.ec2.internal"
+    dns_server.set_records(searched, ["127.0.0.3"])
+    if search_list_from == "resolv-conf":
+        s = settings(dns_server, dns_server=None)
+    else:
+        monkeypatch.setattr(socket, "gethostname", lambda: "ip-10-0-0-7.ec2.internal")
+        s = settings(dns_server)
+    # The search list is in effect: a lookup that uses it finds the other name's records.
+    resolver = await _make_resolver(s.dns_server, 1)
+    searching = await resolver.resolve(NAME, "A", search=True)
+    assert [rdata.address for rdata in searching] == ["127.0.0.3"]
+    asked = dns_server.query_count(searched)
+    assert await DNSPollStrategy(s, lifetime=1).poll() == []
+    with pytest.raises(DNSLookupError) as raised:  # `shoal lookup` says so too
+        await lookup_all_ips(NAME, s.dns_server, lifetime=1)
+    assert raised.value.kind == "nxdomain"
+    assert dns_server.query_count(searched) == asked, "a search-list name was asked"

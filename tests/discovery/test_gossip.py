@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import hmac
 import ipaddress
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -138,6 +140,25 @@ def test_beacon_field_bounds(changes: dict[str, object], accepted: bool) -> None
         assert raised.value.kind == "malformed"
 
 
+@pytest.mark.parametrize(
+    ("offset", "accepted"),
+    [(-30.0, True), (30.0, True), (-30.5, False), (30.5, False)],
+    ids=["30s-behind", "30s-ahead", "30.5s-behind", "30.5s-ahead"],
+)
+def test_a_beacon_exactly_max_skew_off_our_clock_is_still_fresh(
+    offset: float, accepted: bool
+) -> None:
+    """MAX_SKEW (30 s) is tolerated, a beacon further off is stale (values exact in binary)."""
+    now = 1_700_000_000.0
+    data = encode_beacon(KEY, beacon(timestamp=now + offset))
+    if accepted:
+        assert decode_beacon(KEY, data, now=now).timestamp == now + offset
+    else:
+        with pytest.raises(BeaconError) as raised:
+            decode_beacon(KEY, data, now=now)
+        assert raised.value.kind == "stale"
+
+
 def test_datagram_size_bounds() -> None:
     """The limit itself is allowed; a bare header (no payload) is no beacon."""
     at_limit = b"SHG1" + b"t" * (MAX_DATAGRAM - 4)
@@ -166,8 +187,9 @@ def test_authenticated_but_wrongly_shaped_payload_is_rejected() -> None:
 
     payload = msgpack.packb({"not": "a list"})
     data = b"SHG1" + hmac.new(KEY, b"SHG1" + payload, hashlib.sha256).digest() + payload
-    with pytest.raises(BeaconError, match="unexpected payload"):
+    with pytest.raises(BeaconError) as raised:
         decode_beacon(KEY, data)
+    assert (raised.value.kind, str(raised.value)) == ("malformed", "unexpected payload fields")
 
 
 def test_replays_and_own_beacons_are_ignored() -> None:
@@ -403,7 +425,11 @@ def test_a_wrong_cookie_beacon_warns_naming_the_sender_but_garbage_does_not(
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     strategy.receive(encode_beacon(gossip_key("wrong"), beacon()), ("127.0.0.9", 45000))
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warned) == 1 and "127.0.0.9" in warned[0] and "wrong cookie" in warned[0]
+    # The whole line the operator reads: who sends, and the likely cause.
+    assert warned == [
+        "gossip: dropping beacons from 127.0.0.9: authentication failed (wrong cookie?)"
+        " (1 dropped so far)"
+    ]
     assert strategy.dropped == {"malformed": 1, "bad-hmac": 1}
 
 
@@ -499,3 +525,27 @@ async def test_a_socket_that_cannot_join_warns_and_rounds_go_on(
         await asyncio.gather(task, return_exceptions=True)
     assert rounds.seen == set()
     assert any("cannot join" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_gossip_port_another_program_holds_warns_that_it_is_in_use(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A program bound to the gossip port without sharing it keeps the node out: the warning
+    gives that cause, and rounds go on."""
+    caplog.set_level(logging.WARNING, logger="shoal.discovery.gossip")
+    port = free_udp_port()
+    rounds = Rounds()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("", port))  # no SO_REUSEADDR: not shared
+        strategy = GossipStrategy(settings("127.0.0.2", port, gossip_interval=0.02))
+        task = asyncio.create_task(strategy.run(rounds))
+        try:
+            await async_wait_until(lambda: len(rounds.rounds) >= 2, timeout=5, message="rounds")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [
+        f"gossip: cannot join {GROUP}:{port} on 127.0.0.2: [Errno {errno.EADDRINUSE}] "
+        f"{os.strerror(errno.EADDRINUSE)}"
+    ]
