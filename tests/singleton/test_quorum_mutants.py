@@ -40,7 +40,7 @@ async def test_a_holder_without_confirmations_stops_a_drain_bound_before_they_la
     (1 s), so the holder stepped down 1.9 s early; a per-peer call bound of 2 s."""
     # Confirmation window 4 s (failure timeout - one heartbeat): wide enough that the
     # bounds differ (the margin is at most half of window - heartbeat = 1.9 s).
-    nodes, _ = three("127.0.93", heartbeat_interval=0.2, failure_timeout=4.2)
+    nodes, _ = three("127.0.131", heartbeat_interval=0.2, failure_timeout=4.2)
     seen: list[tuple[str, float, bool]] = []  # (node, monotonic, ctx.is_valid()) while running
     stopped: list[tuple[str, float]] = []
     for node in nodes:
@@ -97,7 +97,7 @@ async def test_a_draining_node_is_passed_over_while_it_still_drains(
     that task, while it still drains another (slow) one: the others do not wait for it as
     their candidate (it said it drains). Mutant: peers never read the draining flag."""
     rec = Recorder()
-    nodes, _ = three("127.0.94", drain_timeout=5.0)  # mesh drain bound: 5 s
+    nodes, _ = three("127.0.132", drain_timeout=5.0)  # mesh drain bound: 5 s
     drain_began: list[str] = []
     drained = asyncio.Event()
     for node in nodes:
@@ -143,7 +143,7 @@ async def test_a_malformed_ballot_in_a_peer_state_spoils_only_itself(
     the well-formed ones after it are still learnt (b never promises below them). Mutant:
     the check `isinstance(name, str) and ballot is not None` with `or` (the handler then
     fails on the first malformed entry and drops the rest)."""
-    peers = [Peer("hi", h, 4371) for h in ("127.0.95.2", "127.0.95.3")]
+    peers = [Peer("hi", h, 4371) for h in ("127.0.133.2", "127.0.133.3")]
     a, _ = make_node(peers[0].host, peers, **FAST)
     b, _ = make_node(peers[1].host, peers, **FAST)
     stopper.extend([a, b])
@@ -163,7 +163,7 @@ async def test_the_younger_claim_names_the_older_holder_when_it_steps_down(
     claim (an operator reads it to see where the singleton went). Mutant: it named itself."""
     caplog.set_level(logging.INFO, "shoal.singleton")
     rec = Recorder()
-    a_peer, b_peer = (Peer("hi", h, 4371) for h in ("127.0.96.2", "127.0.96.3"))
+    a_peer, b_peer = (Peer("hi", h, 4371) for h in ("127.0.134.2", "127.0.134.3"))
     a, gate_a = make_node(a_peer.host, [])
     b, _ = make_node(b_peer.host, [])
     for node in (a, b):
@@ -185,7 +185,7 @@ async def test_without_expected_nodes_the_majority_is_of_the_largest_membership_
     three nodes run it once; when the two others leave, the holder (1 of 3) steps down
     and claims nothing. Mutant: the size was not recorded on a node-up."""
     rec = Recorder()
-    peers = [Peer("hi", f"127.0.97.{i}", 4371) for i in (2, 3, 4)]
+    peers = [Peer("hi", f"127.0.135.{i}", 4371) for i in (2, 3, 4)]
     # Not FAST: its holder, renewing every 0.1 s, may step down on a loaded machine's lag.
     slower = {"heartbeat_interval": 0.2, "failure_timeout": 1.2}
     nodes = [make_node(p.host, peers, **slower)[0] for p in peers]
@@ -216,7 +216,7 @@ async def test_a_graceful_stop_hands_a_quorum_singleton_over_without_waiting_out
     here, the default). It did wait whenever the stopping holder's own acceptor was among
     the first majority to answer (2.1-2.6 s measured)."""
     rec = Recorder()
-    nodes, _ = three("127.0.98", heartbeat_interval=0.5, failure_timeout=3.0)
+    nodes, _ = three("127.0.136", heartbeat_interval=0.5, failure_timeout=3.0)
     for node in nodes:
         node.add_singleton("q", rec.func(node.name), mode="quorum")
         stopper.append(node)
