@@ -507,6 +507,10 @@ class Singletons:
         if item.mode == "lease" and self._lease is not None and self._stopping:
             with contextlib.suppress(Exception):
                 await self._lease.release(item.name, self._owner, item.token)
+        if item.mode == "quorum":
+            # What the peers do on the broadcast below, for our own acceptor too: else a
+            # successor whose majority counts our answer waits out our last confirmation.
+            self.acceptor.released(item.name, self.node.name)
         self._broadcast()
         self._reconcile()
 
