@@ -275,7 +275,8 @@ async def test_quorum_is_valid_lapses_during_a_stall_and_confirm_asks_again(
 
 async def test_an_even_quorum_split_runs_it_on_neither_side(stopper: list[Node]) -> None:
     """Four expected nodes split 2 against 2: two of four is no strict majority, so neither
-    side runs the quorum singleton; once the halves meet, exactly one node runs it."""
+    side runs the quorum singleton, nor even asks for promises; once the halves meet,
+    exactly one node runs it."""
     rec, marker = Recorder(), Recorder()
     hosts = ("127.0.79.2", "127.0.79.3", "127.0.79.4", "127.0.79.5")
     everyone = [Peer("hi", h, 4371) for h in hosts]
@@ -292,7 +293,15 @@ async def test_an_even_quorum_split_runs_it_on_neither_side(stopper: list[Node])
     for node in nodes:
         await node.start()
     await async_wait_until(lambda: marker.running == {nodes[0].name, nodes[2].name}, 3.0)
+    # Acceptors answer nothing for a window after they start: wait that out, then let
+    # every node re-evaluate, so that a side that thought 2 of 4 enough would have claimed.
+    acceptors = [node.singletons.acceptor for node in nodes]
+    await async_wait_until(
+        lambda: all(time.monotonic() - a.started >= a.window for a in acceptors), 3.0
+    )
+    await asyncio.gather(*(reconciled(node) for node in nodes))
     assert rec.running == set() and rec.starts == []
+    assert [a.promised for a in acceptors] == [{}] * 4, "a 2-of-4 side asked for promises"
     for _, gate in made:
         gate.peers = everyone  # the halves meet
     await async_wait_until(lambda: len(rec.running) == 1, 5.0)
