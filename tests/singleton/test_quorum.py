@@ -71,10 +71,79 @@ def test_learning_raises_the_promise_only() -> None:
     a.learn("s", (3, "c"))
     a.learn("s", (2, "z"))
     assert a.highest("s") == (3, "c")
+    assert a.highest("t") == (0, "")  # nothing promised yet: a claimant starts at token 1
     assert not a.confirm("s", (2, "z"))["ok"]
 
 
 def test_malformed_ballots_are_refused() -> None:
     assert parse_ballot([1, "a"]) == (1, "a")
-    for bad in (None, [1], [True, "a"], ["1", "a"], [1, 2], [-1, "a"], [2**63, "a"], "1a"):
+    assert parse_ballot([0, ""]) == (0, "")  # what an acceptor that promised nothing names
+    assert parse_ballot((2**62 - 1, "a")) == (2**62 - 1, "a")
+    for bad in (None, [1], [True, "a"], ["1", "a"], [1, 2], [-1, "a"], [2**62, "a"], "1a"):
         assert parse_ballot(bad) is None
+
+
+def test_refusals_name_the_ballot_to_beat_and_say_why() -> None:
+    """The replies are the wire format: a claimant learns "promised" (the ballot to beat),
+    and a refused tick's "why" reaches the operator's log."""
+    clock = Clock()
+    a = Acceptor(WINDOW, clock=clock, wall=lambda: 5000.0)
+    a.learn("s", (3, "c"))  # a restarted node learns its peers' ballots while fenced
+    fenced = {"ok": False, "promised": [3, "c"], "why": "acceptor just started"}
+    assert a.prepare("s", (4, "a")) == fenced
+    assert a.confirm("s", (4, "a")) == fenced
+    clock.now += WINDOW
+    higher = {"ok": False, "promised": [3, "c"], "why": "promised a higher ballot"}
+    assert a.prepare("s", (2, "a")) == higher
+    assert a.confirm("s", (2, "a")) == higher
+    assert a.confirm("s", (4, "a"), "job", 5000.5) == {
+        "ok": False,
+        "promised": [4, "a"],
+        "why": "tick before acceptor start",
+    }
+    assert a.confirm("s", (4, "a"), "job", 6000.0) == {"ok": True, "promised": [4, "a"]}
+    assert a.confirm("s", (4, "a"), "job", 6000.0) == {
+        "ok": False,
+        "promised": [4, "a"],
+        "why": "tick already confirmed",
+    }
+
+
+def test_a_ballot_learned_from_a_peer_is_still_promised_to_its_claimant() -> None:
+    """A peer's state may tell us of a claimant's ballot before its own prepare arrives."""
+    a = acceptor(Clock())
+    a.learn("s", (1, "a"))
+    assert a.prepare("s", (1, "a")) == {"ok": True, "promised": [1, "a"], "age": None}
+
+
+def test_a_promise_in_between_does_not_hide_an_older_confirmation() -> None:
+    """h was confirmed, then a claimant promised: the next claimant still waits out h."""
+    clock = Clock()
+    a = acceptor(clock)
+    assert a.confirm("s", (1, "h"))["ok"]
+    clock.now += 0.5
+    assert a.prepare("s", (2, "a")) == {"ok": True, "promised": [2, "a"], "age": 0.5}
+    clock.now += 0.5
+    assert a.prepare("s", (3, "b")) == {"ok": True, "promised": [3, "b"], "age": 0.5}
+
+
+def test_only_the_holder_itself_can_cancel_the_wait_and_repeats_are_harmless() -> None:
+    """Peers repeat "not holding" in every state message, also for names never promised here."""
+    clock = Clock()
+    a = acceptor(clock)
+    a.released("t", "b")  # never promised here: nothing to do
+    assert a.confirm("s", (1, "h"))["ok"]
+    clock.now += 0.5
+    a.released("s", "x")  # another node's word does not end h's confirmation
+    assert a.prepare("s", (2, "b"))["age"] == 0.5
+    b = acceptor(clock)
+    assert b.confirm("s", (1, "h"))["ok"]
+    b.released("s", "h")
+    b.released("s", "h")
+    assert b.prepare("s", (2, "b"))["age"] is None
+
+
+def test_a_job_without_a_tick_is_a_plain_confirmation() -> None:
+    a = acceptor(Clock())
+    assert a.confirm("s", (1, "a"), "job") == {"ok": True, "promised": [1, "a"]}
+    assert a.confirm("s", (1, "a"), "job", 6000.0)["ok"]
