@@ -7,6 +7,7 @@ from code what an application would (call, publish, send raw frames).
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -182,8 +183,16 @@ def test_a_peer_that_never_reads_is_dropped_before_it_grows_memory(procs: Procs)
     )
     grown = peak_rss(b.proc.pid) - before
     print(f"b's peak RSS grew by {grown / MIB:.1f} MiB")
-    assert grown < 40 * MIB, grown / MIB  # 16 MiB queued, and copies on their way
-    assert "not read" in b.proc.output()
+    # What b queued for `a`: its send-buffer limit plus at most the one write that crossed
+    # it (replies leave one 64 KiB frame per write here).
+    found = re.search(r"it has not read (\d+) bytes \(limit (\d+)\)", b.proc.output())
+    assert found, b.proc.output()
+    unread, limit = int(found[1]), int(found[2])
+    assert limit == 16 * MIB and unread <= limit + 256 * 1024, (unread, limit)
+    # Its memory: bounded well below the 125 MiB a kept peer would pile up. Peak RSS also
+    # holds the copies on their way (encoded, joined, sealed) and what the allocator keeps
+    # after freeing them: 30-51 MiB measured on a loaded 2-core machine, 40 MiB was too tight.
+    assert grown < 80 * MIB, grown / MIB
     # The good peer was never affected.
     assert all(c.name not in line for line in downs(procs)), procs.dump()
     assert c.name in b.nodes()
