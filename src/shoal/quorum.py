@@ -15,8 +15,13 @@ Every node is an acceptor, in memory, per singleton name (Paxos-style):
   succeed, whatever the timing.
 - A confirmation is good for `window` seconds from when it was *asked*, on the
   holder's monotonic clock, which runs on while a process is paused. A new
-  holder waits until `window` has passed since its promisers last answered an
-  older ballot, so the old holder's confirmation has lapsed before it starts.
+  holder waits until `window` has passed since its promisers last said yes
+  (promise or confirmation) to any *other* ballot, so the old holder's
+  confirmation has lapsed before it starts. An acceptor keeps the time and
+  ballot of its last yes per node, so neither a claimant's ballot learned from
+  a peer before its own request, nor a retried request, nor a claimant saying
+  it holds nothing hides the old holder's; only a node's own word that it
+  stopped holding forgets its.
 - Acceptors keep no disk state. A restarted node answers nothing for `window`
   seconds (confirmations from before its restart have lapsed by then) and
   refuses ticks due before it started, which it cannot know about.
@@ -69,23 +74,28 @@ class Acceptor:
         self.started_wall = wall()
         self.promised: dict[str, Ballot] = {}
         self.ticks: dict[tuple[str, str], float] = {}  # (name, job) -> tick
-        self.last_ack: dict[str, float] = {}  # name -> monotonic time
+        # name -> node -> (monotonic time, ballot) of our last yes to that node
+        self.last_ack: dict[str, dict[str, tuple[float, Ballot]]] = {}
 
     def _fenced(self) -> bool:
         return self.clock() - self.started < self.window
 
     def prepare(self, name: str, ballot: Ballot) -> dict[str, Any]:
-        """Promise `ballot` if no higher one was promised; say how long ago we last said yes."""
+        """Promise `ballot` if no higher one was promised; say how long ago we last said
+        yes to another ballot (None: never, or its node said it stopped holding)."""
         current = self.promised.get(name, NO_BALLOT)
         if self._fenced():
             return {"ok": False, "promised": list(current), "why": "acceptor just started"}
         if ballot < current:
             return {"ok": False, "promised": list(current), "why": "promised a higher ballot"}
-        last = self.last_ack.get(name)
-        age = None if last is None or ballot == current else self.clock() - last
+        others = [t for t, acked in self.last_ack.get(name, {}).values() if acked != ballot]
+        age = self.clock() - max(others) if others else None
         self.promised[name] = ballot
-        self.last_ack[name] = self.clock()
+        self._ack(name, ballot)
         return {"ok": True, "promised": list(ballot), "age": age}
+
+    def _ack(self, name: str, ballot: Ballot) -> None:
+        self.last_ack.setdefault(name, {})[ballot[1]] = (self.clock(), ballot)
 
     def confirm(
         self, name: str, ballot: Ballot, job: str | None = None, tick: float | None = None
@@ -105,7 +115,7 @@ class Acceptor:
             if tick <= self.ticks.get((name, job), float("-inf")):
                 return {"ok": False, "promised": list(ballot), "why": "tick already confirmed"}
             self.ticks[(name, job)] = tick
-        self.last_ack[name] = self.clock()
+        self._ack(name, ballot)
         return {"ok": True, "promised": list(ballot)}
 
     def learn(self, name: str, ballot: Ballot) -> None:
@@ -114,9 +124,9 @@ class Acceptor:
             self.promised[name] = ballot
 
     def released(self, name: str, holder: str) -> None:
-        """`holder` says it no longer holds `name`: its past confirmations need no waiting out."""
-        if self.promised.get(name, NO_BALLOT)[1] == holder:
-            self.last_ack.pop(name, None)
+        """`holder` says it no longer holds `name`: its past confirmations need no waiting
+        out (others' still do, also when `holder`'s ballot is the one promised here)."""
+        self.last_ack.get(name, {}).pop(holder, None)
 
     def highest(self, name: str) -> Ballot:
         return self.promised.get(name, NO_BALLOT)

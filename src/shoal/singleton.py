@@ -268,6 +268,8 @@ class Singletons:
             "held": {n: i.claimed_at for n, i in self._items.items() if i.holding},
             "registered": sorted(self._items),
             "draining": self._stopping,
+            # Not held, but not released either: a confirmation we asked may make us hold.
+            "claiming": sorted(n for n, i in self._items.items() if i.claiming),
             "ballots": {n: list(b) for n, b in self.acceptor.promised.items()},
         }
 
@@ -293,7 +295,11 @@ class Singletons:
                 ballot = parse_ballot(value)
                 if isinstance(name, str) and ballot is not None:
                     self.acceptor.learn(name, ballot)
-        for name in state.registered - set(state.held):
+        released = state.registered - set(state.held)
+        claiming = payload.get("claiming")
+        if isinstance(claiming, list):
+            released -= {str(n) for n in claiming}
+        for name in released:
             # A holder that says it stopped no longer acts on its confirmations.
             self.acceptor.released(name, sender)
         self._reconcile()

@@ -62,8 +62,8 @@ def test_a_new_holder_learns_how_long_ago_the_old_one_was_confirmed() -> None:
     a.confirm("s", (1, "a"))
     clock.now += 0.7
     assert abs(a.prepare("s", (2, "b"))["age"] - 0.7) < 1e-9
-    a.released("s", "b")  # b says it stopped: nothing to wait out
-    assert a.prepare("s", (3, "c"))["age"] is None
+    a.released("s", "b")  # b's word does not end a's confirmation
+    assert abs(a.prepare("s", (3, "c"))["age"] - 0.7) < 1e-9
 
 
 def test_learning_raises_the_promise_only() -> None:
@@ -147,3 +147,59 @@ def test_a_job_without_a_tick_is_a_plain_confirmation() -> None:
     a = acceptor(Clock())
     assert a.confirm("s", (1, "a"), "job") == {"ok": True, "promised": [1, "a"]}
     assert a.confirm("s", (1, "a"), "job", 6000.0)["ok"]
+
+
+def test_a_ballot_learned_before_its_prepare_still_gets_the_old_holders_age() -> None:
+    """A peer's state names a's ballot before a's prepare arrives: a still waits out h."""
+    clock = Clock()
+    a = acceptor(clock)
+    assert a.confirm("s", (4, "h"))["ok"]
+    clock.now += 0.5
+    a.learn("s", (5, "a"))
+    assert a.prepare("s", (5, "a")) == {"ok": True, "promised": [5, "a"], "age": 0.5}
+
+
+def test_a_retried_prepare_still_gets_the_old_holders_age() -> None:
+    """The first reply was lost: the same ballot asks again and must not count itself."""
+    clock = Clock()
+    a = acceptor(clock)
+    assert a.confirm("s", (4, "h"))["ok"]
+    clock.now += 0.5
+    assert a.prepare("s", (5, "a"))["age"] == 0.5
+    clock.now += 0.5
+    assert a.prepare("s", (5, "a"))["age"] == 1.0
+    assert a.confirm("s", (5, "a"))["ok"]
+    clock.now += 0.25
+    assert a.prepare("s", (5, "a"))["age"] == 1.25  # its own confirmation neither
+    assert a.prepare("s", (6, "b"))["age"] == 0.0  # but the next claimant waits a out
+
+
+def test_the_claimant_saying_it_holds_nothing_keeps_the_old_holders_age() -> None:
+    """a's state ("not holding", sent while it claims) must not erase h's confirmation."""
+    clock = Clock()
+    a = acceptor(clock)
+    assert a.confirm("s", (4, "h"))["ok"]
+    clock.now += 0.5
+    a.learn("s", (5, "a"))
+    a.released("s", "a")
+    assert a.prepare("s", (5, "a"))["age"] == 0.5
+    b = acceptor(clock)
+    assert b.confirm("s", (4, "h"))["ok"]
+    assert b.prepare("s", (5, "a"))["ok"]
+    clock.now += 0.5
+    b.released("s", "a")
+    assert b.prepare("s", (6, "c"))["age"] == 0.5  # h's confirmation, not a's promise
+
+
+def test_claimants_saying_they_hold_nothing_never_hide_the_old_holder() -> None:
+    """Two failed claimants in a row, both saying so: h's confirmation is still waited out."""
+    clock = Clock()
+    a = acceptor(clock)
+    assert a.confirm("s", (4, "h"))["ok"]
+    clock.now += 0.25
+    assert a.confirm("s", (5, "a"))["ok"]
+    clock.now += 0.25
+    assert a.prepare("s", (6, "c"))["ok"]
+    a.released("s", "a")
+    a.released("s", "c")
+    assert a.prepare("s", (7, "d"))["age"] == 0.5

@@ -278,3 +278,11 @@ async def test_peer_state_messages_are_checked_and_teach_holders_and_ballots(
     await reconciled(b, 2)
     released = await a.call(b.name, PREPARE_HANDLER, {"name": "q", "ballot": [9, a.name]})
     assert released["ok"] is True and released["age"] is None
+
+    # A claimant's state sent while its confirmation is under way is no release: the
+    # confirmation may make it the holder, so the next claimant must wait it out.
+    assert (await a.call(b.name, CONFIRM_HANDLER, {"name": "q", "ballot": [9, a.name]}))["ok"]
+    tell_b({"held": {}, "registered": ["q"], "claiming": ["q"], "ballots": {"q": [9, a.name]}})
+    await reconciled(b, 2)
+    claimed = await a.call(b.name, PREPARE_HANDLER, {"name": "q", "ballot": [10, a.name]})
+    assert claimed["ok"] is True and claimed["age"] is not None
