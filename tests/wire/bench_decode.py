@@ -7,6 +7,10 @@ frame: these frames pack as many objects as a frame of BYTES bytes (default
 prints, per frame, the CPU time of decoding it and of freeing the result (the
 loop pays for both), the best of a few runs (CPU time, so that other
 processes on a loaded machine do not count), and the wall time of the worst run.
+The worst of each frame's costs is also shown as a ratio to `reference_cost`,
+Python's own cost of one object per byte, measured in the same run: the
+absolute figures swing by a third between runs on the project's VM (page
+faults and cache misses of ~50 MB of small objects), the ratio less.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from shoal import wire
 from shoal.config import Settings
@@ -65,36 +70,44 @@ def worst_frames(size: int) -> Iterator[tuple[str, bytes]]:
     yield "nesting 2000 deep (refused)", _array(b"\x91" * 1999 + b"\x90", size)
 
 
-def decode_cost(body: bytes, runs: int = 3) -> tuple[float, float, bool]:
-    """(best CPU seconds, worst wall seconds, decoded?) to decode `body` as a frame and free it.
+def decode(body: bytes) -> list[Any]:
+    """The frames `body` decodes to ([] if it is refused); the caller pauses the GC."""
+    try:
+        return wire.FrameDecoder(len(body)).feed(wire.HEADER.pack(len(body)) + body)
+    except wire.FrameError:
+        return []
 
-    As the mesh does it: with the GC paused, and the frame freed before it resumes.
+
+def object_count(value: Any) -> int:
+    """How many objects `value` is made of, itself included (without recursion)."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+    return count
+
+
+def decode_cost(body: bytes) -> tuple[float, float]:
+    """(CPU, wall) seconds to decode `body` as a frame and free it, as the mesh does it:
+
+    with the GC paused, and the frame freed before it resumes.
     """
-    frame = wire.HEADER.pack(len(body)) + body
-    best_cpu, worst_wall, decoded = float("inf"), 0.0, False
-    for _ in range(runs):
-        decoder = wire.FrameDecoder(len(body))
-        wall, cpu = time.perf_counter(), time.thread_time()
-        with wire.gc_paused():
-            try:
-                frames = decoder.feed(frame)
-                decoded = len(frames) == 1
-                del frames
-            except wire.FrameError:
-                decoded = False
-        best_cpu = min(best_cpu, time.thread_time() - cpu)
-        worst_wall = max(worst_wall, time.perf_counter() - wall)
-    return best_cpu, worst_wall, decoded
+    wall, cpu = time.perf_counter(), time.thread_time()
+    with wire.gc_paused():
+        frames = decode(body)
+        del frames
+    return time.thread_time() - cpu, time.perf_counter() - wall
 
 
 def kept_cost(body: bytes) -> float:
     """CPU seconds of the GC's first pass over a decoded frame that a handler kept."""
-    decoder = wire.FrameDecoder(len(body))
     with wire.gc_paused():
-        try:
-            frames = decoder.feed(wire.HEADER.pack(len(body)) + body)
-        except wire.FrameError:
-            return 0.0
+        frames = decode(body)
         cpu = time.thread_time()
         gc.collect(0)  # `frames` is alive: this pass has all its objects to scan
         cost = time.thread_time() - cpu
@@ -102,22 +115,57 @@ def kept_cost(body: bytes) -> float:
     return cost
 
 
+def reference_cost(size: int) -> float:
+    """CPU seconds for Python itself to make and free `size` empty lists, GC paused.
+
+    One object per byte is the most a frame holds, so this is the yardstick for
+    decoding a frame of `size` bytes.
+    """
+    cpu = time.thread_time()
+    gc.disable()  # not through `wire`: the yardstick must not depend on what it measures
+    try:
+        lists = [[] for _ in range(size)]
+        del lists
+    finally:
+        gc.enable()
+    return time.thread_time() - cpu
+
+
+def costs(body: bytes, runs: int = 3) -> tuple[float, float, float, float]:
+    """(decode CPU, decode wall, kept CPU, reference CPU): best of `runs`, interleaved.
+
+    The best, so that other processes on a loaded machine count least; the
+    reference is measured between the others, so that it meets the same state
+    of memory (how much of the cost is page faults varies from run to run).
+    The wall time is the worst run's.
+    """
+    cpu = kept = reference = float("inf")
+    worst_wall = 0.0
+    for _ in range(runs):
+        reference = min(reference, reference_cost(len(body)))
+        run_cpu, run_wall = decode_cost(body)
+        cpu, worst_wall = min(cpu, run_cpu), max(worst_wall, run_wall)
+        kept = min(kept, kept_cost(body))
+    return cpu, worst_wall, kept, reference
+
+
 def main() -> None:
     size = int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_LIMIT
     print(
-        f"frames of {size} bytes: ms of CPU to decode and free (best of 3), wall ms (worst of 3),"
-        " ms of CPU of a GC pass over it if a handler keeps it"
+        f"frames of {size} bytes, ms of CPU (best of 3): to decode and free; wall (worst of 3);"
+        " a GC pass over it if a handler keeps it; the reference (Python making and freeing"
+        " one empty list per byte); the worst of decode and GC pass as a ratio to the reference"
     )
-    worst = 0.0
+    worst = worst_ratio = 0.0
     for name, body in worst_frames(size):
-        cpu, wall, decoded = decode_cost(body)
-        kept = kept_cost(body)
-        worst = max(worst, cpu, kept)
+        cpu, wall, kept, reference = costs(body)
+        ratio = max(cpu, kept) / reference
+        worst, worst_ratio = max(worst, cpu, kept), max(worst_ratio, ratio)
         print(
             f"  {name:30s} {cpu * 1e3:7.1f} {wall * 1e3:7.1f} {kept * 1e3:7.1f}"
-            f"  {'ok' if decoded else 'refused'}"
+            f" {reference * 1e3:7.1f} {ratio:5.2f}  {'refused' if not decode(body) else 'ok'}"
         )
-    print(f"worst: {worst * 1e3:.1f} ms CPU")
+    print(f"worst: {worst * 1e3:.1f} ms CPU; worst ratio to the reference {worst_ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
-"""No frame within the limit stalls the event loop for more than 100 ms.
+"""No frame within the limit stalls the event loop for long.
 
 The worst frames we could construct (`bench_decode`: one object per byte,
 deep nesting, colliding keys, extension types) are decoded as the mesh does
-it. CPU time of this thread is measured, best of three, so that other
-processes on a loaded machine do not count: it is what the loop pays.
-`.venv/bin/python -m tests.wire.bench_decode` prints the table.
+it. The target, 100 ms of CPU at the default 512 KiB limit, is a benchmark's
+figure (`.venv/bin/python -m tests.wire.bench_decode` prints it: 40-100 ms
+for the worst frame on the project's 2-core VM, where the absolute figure
+swings by a third between runs). What these tests hold, whatever the
+machine's speed: the default limit; no frame decodes to more objects than it
+has bytes; frames that would decode through Python code are refused; and no
+frame costs more than 2.5 times Python's own cost of making one empty list
+per byte (`reference_cost`, measured here between the runs). The worst frame
+measures 0.8-1.7 times it; decoding with the GC running, 5 times.
 """
 
 from __future__ import annotations
@@ -12,21 +18,30 @@ from __future__ import annotations
 import pytest
 
 from shoal import wire
-from tests.wire.bench_decode import DEFAULT_LIMIT, decode_cost, kept_cost, worst_frames
+from tests.wire.bench_decode import DEFAULT_LIMIT, costs, decode, object_count, worst_frames
 
-BOUND = 0.100
+RATIO_BOUND = 2.5
 CASES = dict(worst_frames(DEFAULT_LIMIT))
+
+
+def test_the_default_frame_limit_is_the_documented_512_kib() -> None:
+    assert DEFAULT_LIMIT == 512 * 1024
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_worst_frames_decode_or_are_refused_within_the_bound(name: str) -> None:
     body = CASES[name]
     assert len(body) <= DEFAULT_LIMIT
-    cpu, _wall, decoded = decode_cost(body)
-    assert cpu < BOUND, f"{name}: {cpu * 1000:.0f} ms"
-    assert decoded == ("refused" not in name)
-    # A handler that keeps the payload makes the GC scan it later: bounded alike.
-    assert kept_cost(body) < BOUND
+    with wire.gc_paused():
+        frames = decode(body)
+        assert bool(frames) == ("refused" not in name)
+        assert object_count(frames) <= len(body) + 1  # the list of frames itself
+        del frames
+    cpu, _wall, kept, reference = costs(body)
+    assert max(cpu, kept) < RATIO_BOUND * reference, (
+        f"{name}: decode {cpu * 1e3:.0f} ms, a GC pass over it kept {kept * 1e3:.0f} ms,"
+        f" reference {reference * 1e3:.0f} ms"
+    )
 
 
 @pytest.mark.parametrize(
