@@ -20,7 +20,10 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-import uvicorn
+try:
+    import uvicorn
+except ImportError as exc:
+    raise ImportError("shoal.asgi needs uvicorn: pip install 'shoal[web]'") from exc
 
 from shoal.drain import ASGIApp, Drain
 from shoal.loop import signal_handlers

@@ -459,15 +459,18 @@ class CronSchedule:
         ``dt`` must be aware (any zone). The result is aware **UTC**: a datetime in the
         second pass of a repeated hour (``fold=1``) never compares equal to one in another
         zone (PEP 495), so instants are kept in UTC; use ``.astimezone(schedule.tz)`` to show
-        them. ``@reboot`` has no clock fire times, so it returns None.
+        them. ``@reboot`` has no clock fire times, so it returns None, as it does at the
+        ends of datetime's range (years 1 and 9999), where the search has no room.
         """
         if dt.tzinfo is None or dt.utcoffset() is None:
             raise ValueError(f"next_after needs an aware datetime, got naive {dt!r}")
         if self._fields is None:
             return None
         t = dt.astimezone(UTC)
-        found = self._next_interval(t) if self._interval else self._next_wall_clock(t)
-        return found
+        try:
+            return self._next_interval(t) if self._interval else self._next_wall_clock(t)
+        except OverflowError:
+            return None
 
     def latest_in(self, after: datetime, until: datetime) -> datetime | None:
         """The last fire time in ``(after, until]`` (aware UTC), or None: the newest missed tick.

@@ -168,6 +168,18 @@ class JobState:
     def copy(self) -> JobState:
         return replace(self)
 
+    def check(self) -> None:
+        """Raise ValueError unless every time in it is a timezone-aware datetime.
+
+        The engine compares them with its UTC clock: a naive one would raise TypeError
+        later, inside a ticker, far from the code that passed it.
+        """
+        for name in ("last_tick", "last_completed", "running_since", "running_tick", "last_run_at"):
+            value = getattr(self, name)
+            aware = isinstance(value, datetime) and value.utcoffset() is not None
+            if value is not None and not aware:
+                raise ValueError(f"JobState.{name} must be a timezone-aware datetime: {value!r}")
+
     def to_wire(self) -> dict[str, Any]:
         """A msgpack-able dict: datetimes as UTC ISO-8601 strings, everything else plain."""
         out: dict[str, Any] = {}

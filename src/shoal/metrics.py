@@ -83,7 +83,12 @@ class NodeMetrics:
     """Prometheus metrics of one node, in their own registry."""
 
     def __init__(self, node: Node) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        except ImportError:
+            raise ImportError(
+                "NodeMetrics needs prometheus-client: pip install 'shoal[metrics]'"
+            ) from None
 
         self.node = node
         self.registry = CollectorRegistry(auto_describe=True)

@@ -379,7 +379,10 @@ class Scheduler:
         ``misfire_grace`` late still runs). Without a ``last_tick`` it starts from now.
         A job whose state says a run is in flight elsewhere (``running_since``) is treated as
         running for overlap=False until :meth:`update_state` says otherwise.
+        Raises ValueError, adopting nothing, if a state holds a naive datetime.
         """
+        for incoming in (state or {}).values():
+            incoming.check()
         for name, incoming in (state or {}).items():
             if name in self._jobs:
                 self._merge_state(name, incoming)
@@ -404,9 +407,10 @@ class Scheduler:
 
         An update older than the local state (earlier ``last_tick``, or as late but with fewer
         runs, or running where the local one finished) is ignored, so ``last_tick`` never moves
-        backwards. Does not fire ``state_changed``.
+        backwards. Does not fire ``state_changed``. Raises ValueError for a naive datetime.
         """
         self.find_job(name)
+        state.check()
         self._merge_state(name, state)
 
     def states(self) -> dict[str, JobState]:

@@ -4,6 +4,7 @@ timeouts say what timed out; run_now has one result type."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import sys
 from typing import Any
 
@@ -158,3 +159,19 @@ async def test_wait_for_nodes_says_when_handshakes_failed_for_the_cookie(
             r"\(a different RELEASE_COOKIE\?\)",
         ):
             await node.wait_for_nodes(1, timeout=2.5)
+
+
+def test_the_web_helpers_without_the_web_extra_name_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if shoal[web] was not installed
+    monkeypatch.delitem(sys.modules, "shoal.asgi", raising=False)
+    with pytest.raises(ImportError, match=r"shoal\.asgi needs uvicorn: pip install 'shoal\[web\]'"):
+        importlib.import_module("shoal.asgi")
+
+
+def test_metrics_without_the_metrics_extra_name_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shoal.metrics import NodeMetrics
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    settings = Settings(cookie="test-cookie-errors-metrics-6f5e4d3c2b1a0918", topology="static")
+    with pytest.raises(ImportError, match=r"prometheus-client: pip install 'shoal\[metrics\]'"):
+        NodeMetrics(Node(settings))

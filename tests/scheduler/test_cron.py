@@ -203,6 +203,19 @@ def test_naive_datetimes_are_refused() -> None:
         CronSchedule.parse("* * * * *").next_after(datetime(2024, 1, 1))
 
 
+@pytest.mark.parametrize(
+    ("expr", "zone"),
+    [("* * * * * *", "UTC"), ("0 0 * * *", "Asia/Tokyo"), ("*/7 * * * *", "Europe/Paris")],
+)
+def test_the_end_of_datetimes_range_has_no_fire_time_and_raises_nothing(
+    expr: str, zone: str
+) -> None:
+    """A bogus far-future `last_tick` (a corrupt stored state) must not crash a ticker."""
+    last = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    assert CronSchedule.parse(expr, zone).next_after(last) is None
+    assert CronSchedule.parse(expr, zone).latest_in(last - timedelta(days=1), last) is None
+
+
 def test_latest_in_finds_the_newest_tick_of_a_gap() -> None:
     schedule = CronSchedule.parse("0 0 3 * * *", "Europe/Berlin")
     after = datetime(2024, 1, 1, tzinfo=UTC)

@@ -391,6 +391,34 @@ async def test_overlap_false_holds_across_a_handover(scheduler: Scheduler, logs:
     await next_item(ticks)
 
 
+async def test_a_state_with_a_naive_datetime_is_refused_and_the_job_keeps_ticking(
+    scheduler: Scheduler,
+) -> None:
+    ticks: asyncio.Queue[datetime] = asyncio.Queue()
+    scheduler.add_job("* * * * * *", recorder(ticks), name="naive")
+    await scheduler.start()
+    naive = JobState(last_tick=datetime.now(UTC).replace(tzinfo=None))
+    with pytest.raises(ValueError, match=r"JobState\.last_tick must be a timezone-aware datetime"):
+        scheduler.start_leading({"naive": JobState(), "other": naive})
+    assert scheduler.job_state("naive") == JobState()  # nothing adopted
+    scheduler.start_leading()
+    await next_item(ticks)
+    with pytest.raises(ValueError, match=r"JobState\.running_since must be a timezone-aware"):
+        scheduler.update_state("naive", JobState(running_since=naive.last_tick))
+    await next_item(ticks)  # the ticker lives on
+
+
+async def test_a_last_tick_at_the_end_of_time_stops_the_job_without_crashing_its_ticker(
+    scheduler: Scheduler, logs: LogWatch
+) -> None:
+    scheduler.add_job("* * * * * *", lambda: None, name="far")
+    await scheduler.start()
+    end_of_time = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)  # e.g. a corrupt stored state
+    scheduler.start_leading({"far": JobState(last_tick=end_of_time)})
+    await logs.wait_for("job 'far': schedule * * * * * * has no further fire times")
+    assert not logs.find("crashed")
+
+
 async def test_the_dispatcher_decides_where_a_tick_runs(scheduler: Scheduler) -> None:
     calls: asyncio.Queue[tuple[str, datetime]] = asyncio.Queue()
 
