@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 import os
 import socket
 import types
@@ -186,6 +187,7 @@ class Settings:
         _check_basename("NODE_NAME_QUERY", self.name_query)
         _check_port("SHOAL_PORT", self.port)
         _check_port("SHOAL_GOSSIP_PORT", self.gossip_port)
+        _check_durations(self)
         if not 1 <= self.nodes_per_host <= MAX_NODES_PER_HOST:
             raise ConfigError(
                 f"SHOAL_NODES_PER_HOST={self.nodes_per_host}: expected 1 to {MAX_NODES_PER_HOST}."
@@ -326,6 +328,32 @@ _FIELD_VARS = {
     "dns_server": "SHOAL_DNS_SERVER",
     "hosts": "SHOAL_HOSTS",
 }
+
+# The durations (seconds) and their variables (milliseconds); `gossip_interval` has none.
+_DURATIONS = {
+    "polling_interval": "POLLING_INTERVAL",
+    "gossip_interval": None,
+    "heartbeat_interval": "SHOAL_HEARTBEAT_INTERVAL_MS",
+    "failure_timeout": "SHOAL_FAILURE_TIMEOUT_MS",
+    "handshake_timeout": "SHOAL_HANDSHAKE_TIMEOUT_MS",
+    "connect_timeout": "SHOAL_CONNECT_TIMEOUT_MS",
+    "drain_timeout": "SHOAL_DRAIN_TIMEOUT_MS",
+    "lease_ttl": "SHOAL_LEASE_TTL_MS",
+}
+
+
+def _check_durations(settings: Settings) -> None:
+    """Every duration as `from_env` allows it: positive and at most a day. Built in code,
+    0, a negative, NaN or inf would otherwise start a node whose timers spin, never fire,
+    or give up at once (a NaN passes every comparison)."""
+    for name, var in _DURATIONS.items():
+        value = getattr(settings, name)
+        if not (0 < value <= MAX_MS / 1000 and math.isfinite(value)):
+            hint = f" (the setting of {var}, in ms)" if var else ""
+            raise ConfigError(
+                f"Settings({name}={value!r}){hint}: expected a positive number of seconds, "
+                f"at most {MAX_MS // 1000}."
+            )
 
 
 def _check_types(settings: Settings) -> None:

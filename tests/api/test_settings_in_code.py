@@ -45,6 +45,15 @@ def test_the_host_is_detected_as_from_env_detects_it() -> None:
         ({"mesh_encryption": 1}, r"Settings\(mesh_encryption=\.\.\.\) must be bool"),
         ({"basename": "a@b"}, r"NODE_NAME='a@b'"),
         ({"port": 70000}, r"SHOAL_PORT=70000"),
+        # Durations as from_env allows them: a NaN passes every comparison, 0 spins.
+        ({"handshake_timeout": -1}, r"handshake_timeout=-1.*SHOAL_HANDSHAKE_TIMEOUT_MS"),
+        ({"polling_interval": 0}, r"polling_interval=0.*POLLING_INTERVAL.*positive"),
+        ({"heartbeat_interval": float("nan")}, r"heartbeat_interval=nan"),
+        ({"failure_timeout": float("inf")}, r"failure_timeout=inf"),
+        ({"drain_timeout": 1e9}, r"drain_timeout=1000000000.0.*at most 86400"),
+        ({"gossip_interval": 0.0}, r"gossip_interval=0.0"),
+        ({"lease_ttl": -5.0}, r"lease_ttl=-5.0.*SHOAL_LEASE_TTL_MS"),
+        ({"connect_timeout": float("nan")}, r"connect_timeout=nan"),
     ],
 )
 def test_a_wrong_value_is_refused_at_construction_naming_the_field(
