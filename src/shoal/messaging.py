@@ -86,6 +86,13 @@ class RemoteError(RuntimeError):
         return cls(str(value))
 
 
+def check_timeout(timeout: float) -> None:
+    """Refuse a timeout that cannot bound a wait: a NaN never fires (the call or wait would
+    hang for good), and 0 or less would fail every call before it is sent."""
+    if not (isinstance(timeout, int | float) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+
+
 def error_to_wire(exc: BaseException) -> list[str]:
     """What a failed REPLY carries: the exception's type name and message."""
     if isinstance(exc, RemoteError):
@@ -257,6 +264,7 @@ class Messaging:
 
     async def call(self, node: str, handler: str, payload: Any, timeout: float = 5.0) -> Any:
         """Ask `handler` on `node` and return its reply."""
+        check_timeout(timeout)
         call_id = next(self._ids)
         frame = self._encode([wire.CALL, call_id, handler, payload])
         if node == self.node_name:
@@ -351,6 +359,7 @@ class Messaging:
     ) -> Any:
         """The first payload published on `topic` (anywhere) that `match`es; `WaitTimeout`
         (a `TimeoutError` naming the topic and the seconds) when none came in time."""
+        check_timeout(timeout)
         with self.subscribe(topic) as subscription:
             try:
                 async with asyncio.timeout(timeout):

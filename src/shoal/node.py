@@ -21,7 +21,7 @@ from shoal.config import ConfigError, Peer, Settings, parse_hosts
 from shoal.discovery import Strategy, strategy_for
 from shoal.lag import LagMonitor
 from shoal.mesh import MembershipEvent, Mesh, NodeDown, claim_port
-from shoal.messaging import Handler, Messaging, Subscription, WaitTimeout
+from shoal.messaging import Handler, Messaging, Subscription, WaitTimeout, check_timeout
 from shoal.singleton import Service, SingletonFunc, Singletons
 
 if TYPE_CHECKING:
@@ -203,6 +203,8 @@ class Node:
         return self.listening and self._first_round.is_set() and not self.draining
 
     async def wait_ready(self, timeout: float | None = None) -> None:
+        if timeout is not None:
+            check_timeout(timeout)
         async with asyncio.timeout(timeout):
             await self._first_round.wait()
 
@@ -240,6 +242,7 @@ class Node:
 
         Raises `WaitTimeout` (a `TimeoutError`) saying how many of the `n` were connected
         when `timeout` seconds had passed."""
+        check_timeout(timeout)
         changed = asyncio.Event()
         remove = self.add_listener(lambda _event: changed.set())
         try:

@@ -175,3 +175,26 @@ def test_metrics_without_the_metrics_extra_name_it(monkeypatch: pytest.MonkeyPat
     settings = Settings(cookie="test-cookie-errors-metrics-6f5e4d3c2b1a0918", topology="static")
     with pytest.raises(ImportError, match=r"prometheus-client: pip install 'shoal\[metrics\]'"):
         NodeMetrics(Node(settings))
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), 0, -1.0])
+async def test_a_timeout_that_cannot_bound_the_wait_is_refused_at_once(
+    make_node: NodeFactory, timeout: float
+) -> None:
+    a, b = await pair(make_node)
+
+    async def slow(_payload: Any, _sender: str) -> None:
+        await asyncio.sleep(30)
+
+    b.register("slow", slow)
+    waits = {
+        "call": lambda: a.call(b.name, "slow", None, timeout=timeout),
+        "wait_for": lambda: a.wait_for("orders", timeout=timeout),
+        "wait_for_nodes": lambda: a.wait_for_nodes(2, timeout=timeout),
+        "wait_ready": lambda: a.wait_ready(timeout=timeout),
+    }
+    for wait in waits.values():
+        # A NaN deadline never fires: without the check, the call and wait_for hang.
+        with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds"):
+            async with asyncio.timeout(5):
+                await wait()
