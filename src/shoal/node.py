@@ -61,6 +61,7 @@ class Node:
         self._stop_hooks: list[Callable[[], Any]] = []
         self.draining = False
         self.listening = False
+        self._stopped = False
         self.messaging.register("shoal.ping", lambda _payload, _sender: "pong")
         self.lag = LagMonitor()
         self.singletons = Singletons(self)
@@ -103,6 +104,12 @@ class Node:
     # lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         """Listen on the mesh port and start discovery. Returns once listening."""
+        if self.mesh is not None:  # a second mesh would orphan the first one, still serving
+            raise RuntimeError(f"node {self.name} is already started")
+        if self._stopped:  # it would serve but stay draining: never ready, never a holder
+            raise RuntimeError(
+                f"node {self.name} was stopped and a Node starts once: make a new Node(settings)"
+            )
         logs.bind(node=self.name)  # the caller's task and every task started from here on
         if self.settings.tls is not None and shoal.loop.name() == "uvloop":
             raise ConfigError(
@@ -161,7 +168,7 @@ class Node:
                 self._claimed_port.sock.close()
                 self._claimed_port = None
             return
-        self.draining = True
+        self.draining = self._stopped = True
         # Hand over first (the handover gap is what peers wait for), then drain the rest.
         await self.singletons.stop()
         await self.scheduler.stop(self.settings.drain_timeout)

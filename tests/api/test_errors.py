@@ -198,3 +198,22 @@ async def test_a_timeout_that_cannot_bound_the_wait_is_refused_at_once(
         with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds"):
             async with asyncio.timeout(5):
                 await wait()
+
+
+async def test_starting_a_started_node_is_refused_and_it_keeps_serving(
+    make_node: NodeFactory,
+) -> None:
+    a, b = await pair(make_node)
+    with pytest.raises(RuntimeError, match=r"is already started"):
+        await a.start()
+    assert await b.call(a.name, "shoal.ping", None, timeout=5) == "pong"
+    assert await a.call(b.name, "shoal.ping", None, timeout=5) == "pong"
+
+
+async def test_starting_a_stopped_node_is_refused(make_node: NodeFactory) -> None:
+    a = await make_node()
+    await a.stop()
+    # Started again, it served while draining for good: never ready, never a holder.
+    with pytest.raises(RuntimeError, match=r"a Node starts once: make a new Node\(settings\)"):
+        await a.start()
+    assert a.mesh is None and not a.listening
