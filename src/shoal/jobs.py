@@ -342,6 +342,11 @@ class ClusterJobs:
     def task(self, name: str | None = None) -> Callable[[F], F]:
         """Decorator: make a function what run-time jobs naming task ``name`` run. Register
         it on every node (code travels with the image, never over the wire)."""
+        if name is not None and not isinstance(name, str):  # `@node.jobs.task` without ()
+            raise InvalidJob(
+                f"jobs.task(name) takes a name, not {name!r}: "
+                "write @node.jobs.task() or @node.jobs.task('name')"
+            )
 
         def register(fn: F) -> F:
             self.definitions.task(name or fn.__name__, fn)

@@ -324,6 +324,11 @@ class Node:
         self, name: str | None = None, mode: str | None = None
     ) -> Callable[[SingletonFunc], SingletonFunc]:
         """Decorator: run `async def f(ctx)` on exactly one node of the cluster."""
+        if name is not None and not isinstance(name, str):  # `@node.singleton` without ()
+            raise ValueError(
+                f"node.singleton(name) takes a name, not {name!r}: "
+                "write @node.singleton() or @node.singleton('name')"
+            )
 
         def decorate(func: SingletonFunc) -> SingletonFunc:
             self.singletons.register(name or func.__name__, func, mode)

@@ -190,6 +190,11 @@ class Scheduler:
         backoff: float = 1.0,
     ) -> Callable[[F], F]:
         """Decorator form of :meth:`add_job`; returns the function unchanged."""
+        if not isinstance(schedule, str | CronSchedule):  # `@node.job` without a schedule
+            raise InvalidJob(
+                f"job(schedule) takes a cron expression, not {schedule!r}: "
+                "write @node.job('*/5 * * * * *')"
+            )
 
         def register(fn: F) -> F:
             self.add_job(
