@@ -93,6 +93,19 @@ def check_timeout(timeout: float) -> None:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
 
 
+def check_signature(what: str, fn: Any, params: str, *args: Any) -> None:
+    """Refuse what cannot be called with `args` when it is registered, not on its first
+    message (where the TypeError would reach only the caller, or only the log)."""
+    if not callable(fn):
+        raise ValueError(f"{what} must be a function taking {params}, got {fn!r}")
+    try:
+        inspect.signature(fn).bind(*args)
+    except TypeError:
+        raise ValueError(f"{what} must take {params}: {fn!r} does not") from None
+    except ValueError:
+        pass  # no signature to read (some builtins): the first call will tell
+
+
 def error_to_wire(exc: BaseException) -> list[str]:
     """What a failed REPLY carries: the exception's type name and message."""
     if isinstance(exc, RemoteError):
@@ -208,8 +221,11 @@ class Messaging:
         instead, for handlers that return at once (faster, and in arrival
         order). Handlers named `shoal.*` are shoal's own and run on the loop.
         """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a handler's name is a non-empty string, got {name!r}")
         if name in self._handlers:
             raise ValueError(f"a handler named {name!r} is already registered")
+        check_signature(f"handler {name!r}", handler, "(payload, sender)", None, "")
         if sync_to_thread is None:
             sync_to_thread = not name.startswith("shoal.")
         if _is_async(handler):

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, runtime_ch
 
 from shoal import logs
 from shoal.mesh import MembershipEvent
+from shoal.messaging import check_signature
 from shoal.quorum import Acceptor, Ballot, majority, parse_ballot
 from shoal.ratelimit import RateLimitedLog
 
@@ -189,8 +190,12 @@ class Singletons:
             raise ValueError(f"unknown singleton mode {mode!r}: use mesh, quorum or lease")
         if mode == "lease" and not self.settings.lease_dsn:
             raise ValueError("lease mode needs SHOAL_LEASE_DSN (a Postgres DSN)")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a singleton's name is a non-empty string, got {name!r}")
         if name in self._items:
             raise ValueError(f"a singleton named {name!r} is already registered")
+        if not isinstance(func, Service):
+            check_signature(f"singleton {name!r}", func, "(ctx), or be a Service", None)
         run = _service_runner(func) if isinstance(func, Service) else func
         self._items[name] = _Singleton(name, run, mode)
         if self._checker is not None:

@@ -3,6 +3,8 @@ instead of leaving nothing registered or failing on the first message."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from shoal import InvalidJob, Node, SingletonContext
@@ -37,3 +39,38 @@ async def test_decorators_used_without_parentheses_say_how_to_write_them(
     node.jobs.task()(tick)
     assert "leader" in node.singletons.holders() and "tick" in node.scheduler
     assert "tick" in node.jobs.definitions.tasks
+
+
+async def test_a_handler_or_singleton_that_cannot_be_called_is_refused_when_registered(
+    make_node: NodeFactory,
+) -> None:
+    node: Node = await make_node()
+
+    async def greet(payload: Any) -> str:  # forgot the sender
+        return f"hi {payload}"
+
+    async def no_ctx() -> None:
+        pass
+
+    # Without the check, these registered: a handler then failed every call with a
+    # RemoteError (the TypeError logged on the receiver), a singleton in its task.
+    with pytest.raises(ValueError, match=r"handler 'greet' must take \(payload, sender\)"):
+        node.register("greet", greet)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"handler 'hello' must be a function .* got 'hello'"):
+        node.register("hello", "hello")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"singleton 'leader' must take \(ctx\), or be a Service"):
+        node.add_singleton("leader", no_ctx)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"singleton 'cache' must be a function .* got None"):
+        node.add_singleton("cache", None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"a handler's name is a non-empty string, got 7"):
+        node.register(7, lambda payload, sender: payload)  # type: ignore[arg-type]
+
+    # What a handler may be: a function, a lambda, a callable object, with extra defaults.
+    class Echo:
+        def __call__(self, payload: Any, sender: str, *, loud: bool = False) -> Any:
+            return payload
+
+    node.register("echo", Echo())
+    node.register("twice", lambda payload, _sender: payload * 2)
+    assert await node.call(node.name, "echo", 3) == 3
+    assert await node.call(node.name, "twice", 3) == 6

@@ -269,16 +269,17 @@ def test_limits_come_from_the_environment() -> None:
     assert defaults.max_frame_size == 512 * KIB
 
 
-async def test_a_handler_that_cannot_be_called_fails_the_call_not_the_connection(
+async def test_a_handler_that_raises_type_error_fails_the_call_not_the_connection(
     make_node: NodeFactory,
 ) -> None:
     a, b = await pair(make_node)
     downs = record_downs(a)
 
-    async def one_argument(payload: Any) -> Any:
-        return payload
+    # One with the wrong parameters is refused by register (tests/api/test_misuse.py).
+    async def bad(payload: Any, _sender: str) -> Any:
+        return payload + 1  # a TypeError for None
 
-    b.register("bad", one_argument)  # type: ignore[arg-type]
+    b.register("bad", bad)
     with pytest.raises(RemoteError, match="TypeError"):
         await a.call(b.name, "bad", None)
     assert await a.ping(b.name) >= 0
