@@ -93,6 +93,13 @@ def check_timeout(timeout: float) -> None:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
 
 
+def check_name(what: str, name: Any) -> None:
+    """A handler's or topic's name is a str: peers drop a connection whose frames carry
+    anything else (a malformed message), so it is refused here, at the sender."""
+    if not isinstance(name, str):
+        raise ValueError(f"the {what} name must be a str, got {type(name).__name__} {name!r}")
+
+
 def check_signature(what: str, fn: Any, params: str, *args: Any) -> None:
     """Refuse what cannot be called with `args` when it is registered, not on its first
     message (where the TypeError would reach only the caller, or only the log)."""
@@ -252,6 +259,7 @@ class Messaging:
     # sending ---------------------------------------------------------------
     async def send(self, node: str, handler: str, payload: Any) -> None:
         """Deliver `payload` to `handler` on `node`, without waiting for a reply."""
+        check_name("handler", handler)
         frame = self._encode([wire.SEND, handler, payload])
         if node == self.node_name:
             self._run_handler(handler, payload, self.node_name, None)
@@ -280,6 +288,7 @@ class Messaging:
 
     async def call(self, node: str, handler: str, payload: Any, timeout: float = 5.0) -> Any:
         """Ask `handler` on `node` and return its reply."""
+        check_name("handler", handler)
         check_timeout(timeout)
         call_id = next(self._ids)
         frame = self._encode([wire.CALL, call_id, handler, payload])
@@ -348,6 +357,7 @@ class Messaging:
     async def publish(self, topic: str, payload: Any) -> None:
         """Deliver `payload` to every subscriber of `topic` on every node, this one included."""
         # Fails here, at the sender, for non-msgpack or oversized payloads.
+        check_name("topic", topic)
         data = self._encode([wire.PUBLISH, topic, payload])
         mesh = self._mesh
         for conn in mesh.connections.values():
@@ -356,6 +366,7 @@ class Messaging:
 
     # subscribing -----------------------------------------------------------
     def subscribe(self, topic: str) -> Subscription:
+        check_name("topic", topic)  # another type would never match a peer's message
         subscription = Subscription(self, topic)
         self._topics.setdefault(topic, set()).add(subscription)
         return subscription

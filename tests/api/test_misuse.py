@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from shoal import InvalidJob, Node, SingletonContext
-from tests.mesh.conftest import NodeFactory
+from shoal import InvalidJob, MembershipEvent, Node, SingletonContext
+from tests.mesh.conftest import NodeFactory, peer_of
 
 
 async def test_decorators_used_without_parentheses_say_how_to_write_them(
@@ -74,3 +74,26 @@ async def test_a_handler_or_singleton_that_cannot_be_called_is_refused_when_regi
     node.register("twice", lambda payload, _sender: payload * 2)
     assert await node.call(node.name, "echo", 3) == 3
     assert await node.call(node.name, "twice", 3) == 6
+
+
+async def test_a_handler_or_topic_name_that_is_not_a_str_fails_at_the_sender(
+    make_node: NodeFactory,
+) -> None:
+    a = await make_node()
+    b = await make_node(peers=[peer_of(a)])
+    await a.wait_for_nodes(1, timeout=10)
+    downs: list[MembershipEvent] = []
+    a.add_listener(lambda event: downs.append(event) if event.kind == "down" else None)
+
+    # Without the check, the frame went out and the peer dropped the connection for a
+    # malformed message: one wrong argument took the node off the mesh.
+    with pytest.raises(ValueError, match=r"the handler name must be a str, got int 7"):
+        await a.send(b.name, 7, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"the handler name must be a str, got int 7"):
+        await a.call(b.name, 7, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"the topic name must be a str, got bytes b'orders'"):
+        await a.publish(b"orders", None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"the topic name must be a str"):
+        a.subscribe(("orders",))  # type: ignore[arg-type]
+    assert await a.call(b.name, "shoal.ping", None, timeout=5) == "pong"
+    assert downs == [] and a.nodes() == [b.name]
