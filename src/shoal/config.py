@@ -238,6 +238,8 @@ class Settings:
             _check_port("SHOAL_DNS_SERVER", self.dns_server[1])
         if self.lease_dsn is not None:
             _check_dsn("SHOAL_LEASE_DSN", self.lease_dsn)
+        if self.topology == "dns":  # a URL or a typo would poll in vain, the node alone
+            _check_host("SERVICE_DISCOVERY_ENDPOINT", self.discovery_endpoint)
         if self.topology == "cloudmap" and not (self.cloudmap_namespace and self.cloudmap_service):
             raise ConfigError(
                 "TOPOLOGY_TYPE=cloudmap needs SHOAL_CLOUDMAP_NAMESPACE and SHOAL_CLOUDMAP_SERVICE."

@@ -54,6 +54,9 @@ def test_the_host_is_detected_as_from_env_detects_it() -> None:
         ({"gossip_interval": 0.0}, r"gossip_interval=0.0"),
         ({"lease_ttl": -5.0}, r"lease_ttl=-5.0.*SHOAL_LEASE_TTL_MS"),
         ({"connect_timeout": float("nan")}, r"connect_timeout=nan"),
+        # Polled in vain, every round, while the node ran alone and said only so in its log.
+        ({"discovery_endpoint": "http://hi.local"}, r"SERVICE_DISCOVERY_ENDPOINT='http://hi"),
+        ({"discovery_endpoint": ""}, r"SERVICE_DISCOVERY_ENDPOINT is empty"),
     ],
 )
 def test_a_wrong_value_is_refused_at_construction_naming_the_field(
@@ -105,3 +108,13 @@ def test_import_shoal_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert loaded == []
+
+
+def test_the_dns_endpoint_from_the_environment_must_be_a_host_name() -> None:
+    env = {"RELEASE_COOKIE": COOKIE, "NODE_HOST": "127.0.0.1"}
+    with pytest.raises(ConfigError, match=r"SERVICE_DISCOVERY_ENDPOINT='hi local' is neither"):
+        Settings.from_env({**env, "SERVICE_DISCOVERY_ENDPOINT": "hi local"})
+    assert Settings.from_env(env).discovery_endpoint == "ecs.local"
+    # Only DNS polling reads it.
+    gossip = {**env, "TOPOLOGY_TYPE": "gossip", "SERVICE_DISCOVERY_ENDPOINT": "hi local"}
+    assert Settings.from_env(gossip).topology == "gossip"
