@@ -71,7 +71,7 @@ class Retry:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
-        if self.backoff < 0 or self.max_backoff < 0 or self.factor < 1:
+        if not (self.backoff >= 0 and self.max_backoff >= 0 and self.factor >= 1):  # NaN too
             raise ValueError("backoff and max_backoff must be >= 0, factor >= 1")
         if not 0 <= self.jitter < 1:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter!r}")

@@ -250,8 +250,13 @@ class Scheduler:
                 f"job {job_name!r}: run_strategy must be one of "
                 f"{', '.join(get_args(RunStrategy))}, got {run_strategy!r}"
             )
-        if timeout is not None and not timeout > 0:
+        for option, flag in (("overlap", overlap), ("active", active)):
+            if not isinstance(flag, bool):  # overlap="no" is truthy: the opposite of what was meant
+                raise InvalidJob(f"job {job_name!r}: {option} must be True or False, got {flag!r}")
+        if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
             raise InvalidJob(f"job {job_name!r}: timeout must be > 0 seconds, got {timeout!r}")
+        if not isinstance(max_attempts, int) or isinstance(max_attempts, bool):
+            raise InvalidJob(f"job {job_name!r}: max_attempts must be an int, got {max_attempts!r}")
         try:
             retry = Retry(max_attempts, backoff) if max_attempts != 1 else None
         except (TypeError, ValueError) as exc:

@@ -521,6 +521,12 @@ async def test_job_api_errors(scheduler: Scheduler) -> None:
         ({"run_strategy": "everywhere"}, "run_strategy must be"),
         ({"timeout": 0}, "timeout must be > 0"),
         ({"name": ""}, "non-empty"),
+        # Accepted before: "no" is truthy (overlap on), 2.5 attempts ran 3, NaN never waits.
+        ({"overlap": "no"}, "overlap must be True or False, got 'no'"),
+        ({"active": "yes"}, "active must be True or False"),
+        ({"timeout": "5"}, "timeout must be > 0 seconds, got '5'"),
+        ({"max_attempts": 2.5}, "max_attempts must be an int, got 2.5"),
+        ({"max_attempts": 3, "backoff": float("nan")}, "backoff and max_backoff must be >= 0"),
     ],
 )
 def test_bad_job_arguments_fail_at_definition(kwargs: dict[str, Any], problem: str) -> None:
