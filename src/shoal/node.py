@@ -294,7 +294,12 @@ class Node:
 
     async def connect(self, target: str) -> str:
         """Connect to `name@host`, `host` or `host:port`; returns the peer's name once up."""
-        (peer,) = parse_hosts(target, self.settings.name_query, self.settings.port)
+        if self.mesh is None:  # as call and send say it
+            raise NodeDown("the node is not started")
+        peers = parse_hosts(target, self.settings.name_query, self.settings.port)
+        if len(peers) != 1:
+            raise ValueError(f"connect() takes one `name@host`, `host` or `host:port`: {target!r}")
+        (peer,) = peers
         peer = self.settings.peer(peer.basename, peer.host, peer.port)  # `name@host:port`
         if peer.name in self.nodes():
             return peer.name
@@ -303,7 +308,6 @@ class Node:
             lambda e: event.set() if e.kind == "up" and e.node == peer.name else None
         )
         try:
-            assert self.mesh is not None
             self.mesh.propose([peer], known=True)
             async with asyncio.timeout(self.settings.handshake_timeout + 1):
                 await event.wait()

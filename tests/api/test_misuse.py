@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from shoal import InvalidJob, MembershipEvent, Node, SingletonContext
-from tests.mesh.conftest import NodeFactory, peer_of
+from shoal import InvalidJob, MembershipEvent, Node, NodeDown, Settings, SingletonContext
+from tests.mesh.conftest import COOKIE, NodeFactory, peer_of
 
 
 async def test_decorators_used_without_parentheses_say_how_to_write_them(
@@ -97,3 +97,17 @@ async def test_a_handler_or_topic_name_that_is_not_a_str_fails_at_the_sender(
         a.subscribe(("orders",))  # type: ignore[arg-type]
     assert await a.call(b.name, "shoal.ping", None, timeout=5) == "pong"
     assert downs == [] and a.nodes() == [b.name]
+
+
+async def test_connect_says_what_is_wrong_with_its_target_or_the_node(
+    make_node: NodeFactory,
+) -> None:
+    unstarted = Node(Settings(cookie=COOKIE, host="127.0.0.1", topology="static"))
+    # Before: an AssertionError without a message, or a ValueError about unpacking.
+    with pytest.raises(NodeDown, match="the node is not started"):
+        await unstarted.connect("127.0.0.2")
+    await unstarted.stop()
+    a = await make_node()
+    for target in ("", "app@10.0.0.2,app@10.0.0.3"):
+        with pytest.raises(ValueError, match=r"connect\(\) takes one `name@host`"):
+            await a.connect(target)
