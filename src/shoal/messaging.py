@@ -23,6 +23,7 @@ import itertools
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -139,7 +140,8 @@ _ASYNC, _THREAD, _INLINE = "async", "thread", "inline"
 
 
 class Subscription:
-    """Messages published on a topic, as an async iterator. Use as a context manager."""
+    """Messages published on a topic, as an async iterator. Use as a context manager; one
+    the app drops unclosed (an `async for` left with break) is closed when collected."""
 
     def __init__(self, messaging: Messaging, topic: str) -> None:
         self.topic = topic
@@ -211,7 +213,9 @@ class Messaging:
         self._deadlines: list[tuple[float, int]] = []
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._deadline_at = math.inf
-        self._topics: dict[str, set[Subscription]] = {}
+        # Weakly held: a subscription the app dropped without closing it (`async for` left
+        # with break) would otherwise buffer up to SUBSCRIPTION_QUEUE payloads for good.
+        self._topics: dict[str, weakref.WeakSet[Subscription]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Called with each remote call's round trip in seconds (shoal.metrics sets it).
         self.call_observer: Callable[[float], None] | None = None
@@ -368,7 +372,7 @@ class Messaging:
     def subscribe(self, topic: str) -> Subscription:
         check_name("topic", topic)  # another type would never match a peer's message
         subscription = Subscription(self, topic)
-        self._topics.setdefault(topic, set()).add(subscription)
+        self._topics.setdefault(topic, weakref.WeakSet()).add(subscription)
         return subscription
 
     def _unsubscribe(self, subscription: Subscription) -> None:

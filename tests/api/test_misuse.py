@@ -3,12 +3,15 @@ instead of leaving nothing registered or failing on the first message."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from typing import Any
 
 import pytest
 
 from shoal import InvalidJob, MembershipEvent, Node, NodeDown, Settings, SingletonContext
 from tests.mesh.conftest import COOKIE, NodeFactory, peer_of
+from tests.support.procs import async_wait_until
 
 
 async def test_decorators_used_without_parentheses_say_how_to_write_them(
@@ -111,3 +114,33 @@ async def test_connect_says_what_is_wrong_with_its_target_or_the_node(
     for target in ("", "app@10.0.0.2,app@10.0.0.3"):
         with pytest.raises(ValueError, match=r"connect\(\) takes one `name@host`"):
             await a.connect(target)
+
+
+async def test_a_subscription_left_with_break_stops_buffering(make_node: NodeFactory) -> None:
+    node: Node = await make_node()
+
+    async def first_order() -> Any:
+        async for payload in node.subscribe("orders"):  # not closed: no `with`
+            return payload
+
+    waiting = asyncio.ensure_future(first_order())
+    await async_wait_until(lambda: "orders" in node.messaging._topics, timeout=5)
+    await node.publish("orders", 1)
+    assert await waiting == 1
+
+    # Before, the dropped subscription stayed registered and kept the next 10,000
+    # payloads (up to SHOAL_MAX_FRAME_BYTES each) for a reader that was gone.
+    def buffered() -> int:
+        gc.collect()
+        subscribers = node.messaging._topics.get("orders", ())
+        return sum(s._queue.qsize() for s in subscribers)
+
+    for n in range(50):
+        await node.publish("orders", n)
+    await async_wait_until(lambda: buffered() == 0, timeout=5, message="nothing buffered")
+
+    # A subscription the app holds keeps receiving.
+    with node.subscribe("orders") as held:
+        gc.collect()
+        await node.publish("orders", "kept")
+        assert await asyncio.wait_for(held.get(), 5) == ("kept", node.name)
