@@ -21,7 +21,14 @@ from shoal.config import ConfigError, Peer, Settings, parse_hosts
 from shoal.discovery import Strategy, strategy_for
 from shoal.lag import LagMonitor
 from shoal.mesh import MembershipEvent, Mesh, NodeDown, claim_port
-from shoal.messaging import Handler, Messaging, Subscription, WaitTimeout, check_timeout
+from shoal.messaging import (
+    Handler,
+    Messaging,
+    Subscription,
+    WaitTimeout,
+    check_signature,
+    check_timeout,
+)
 from shoal.singleton import Service, SingletonFunc, Singletons
 
 if TYPE_CHECKING:
@@ -202,6 +209,7 @@ class Node:
     def on_stop(self, hook: Callable[[], Any]) -> None:
         """Run `hook` (sync or async) during a graceful stop: after singletons and jobs
         have handed over, before the node leaves the mesh."""
+        check_signature("an on_stop hook", hook, "no argument")  # not during the stop
         self._stop_hooks.append(hook)
 
     @property
@@ -271,6 +279,7 @@ class Node:
 
     def add_listener(self, listener: MembershipListener) -> Callable[[], None]:
         """Call `listener` on every node up/down event; returns a function that removes it."""
+        check_signature("a membership listener", listener, "(event)", None)  # not per event
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 

@@ -144,3 +144,17 @@ async def test_a_subscription_left_with_break_stops_buffering(make_node: NodeFac
         gc.collect()
         await node.publish("orders", "kept")
         assert await asyncio.wait_for(held.get(), 5) == ("kept", node.name)
+
+
+async def test_hooks_that_cannot_be_called_are_refused_when_added() -> None:
+    node = Node(Settings(cookie=COOKIE, host="127.0.0.1", topology="static"))
+    # Before: accepted, then a TypeError logged at every membership event, or at the stop.
+    with pytest.raises(ValueError, match=r"a membership listener must take \(event\)"):
+        node.add_listener(lambda: None)  # type: ignore[arg-type,misc]
+    with pytest.raises(ValueError, match=r"an on_stop hook must be a function .* got 'flush'"):
+        node.on_stop("flush")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"an on_stop hook must take no argument"):
+        node.on_stop(lambda node: None)
+    node.on_stop(lambda: None)
+    node.add_listener(print)
+    await node.stop()
