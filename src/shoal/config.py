@@ -605,8 +605,8 @@ def _check_multicast(var: str, text: str) -> None:
         address = ipaddress.ip_address(text)
     except ValueError:
         raise ConfigError(f"{var}={text!r} is not an IP address.") from None
-    if not address.is_multicast:
-        raise ConfigError(f"{var}={text}: expected a multicast group (224.0.0.0/4 or ff00::/8).")
+    if not address.is_multicast or address.version != 4:  # gossip's sockets are IPv4
+        raise ConfigError(f"{var}={text}: expected an IPv4 multicast group (224.0.0.0/4).")
 
 
 def _lease_dsn(env: Mapping[str, str]) -> str | None:

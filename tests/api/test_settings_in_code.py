@@ -57,6 +57,8 @@ def test_the_host_is_detected_as_from_env_detects_it() -> None:
         # Polled in vain, every round, while the node ran alone and said only so in its log.
         ({"discovery_endpoint": "http://hi.local"}, r"SERVICE_DISCOVERY_ENDPOINT='http://hi"),
         ({"discovery_endpoint": ""}, r"SERVICE_DISCOVERY_ENDPOINT is empty"),
+        # Gossip's sockets are IPv4: with an IPv6 group it never joined, the node never ready.
+        ({"gossip_addr": "ff15::1"}, r"SHOAL_GOSSIP_ADDR=ff15::1: expected an IPv4 multicast"),
     ],
 )
 def test_a_wrong_value_is_refused_at_construction_naming_the_field(
