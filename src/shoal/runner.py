@@ -53,6 +53,14 @@ def run(
     beside it, and return after a SIGTERM or SIGINT once the node has left
     (see `serve`). `run(coroutine)`: `asyncio.run(coroutine)` on that loop.
     """
+    # `run(node, main)` for `run(node, main())`: refused before the node starts.
+    for what, value, call in (
+        ("app", app, "shoal.run(node, {}())"),
+        ("main", None if isinstance(main, Node) else main, "shoal.run({}())"),
+    ):
+        if value is not None and not asyncio.iscoroutine(value):
+            example = call.format(getattr(value, "__name__", what))
+            raise TypeError(f"shoal.run takes a coroutine as {what}, got {value!r}: {example}")
     if isinstance(main, Node):
         serving = serve(main, app)
         try:

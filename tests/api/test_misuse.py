@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import shoal
 from shoal import InvalidJob, MembershipEvent, Node, NodeDown, Settings, SingletonContext
 from tests.mesh.conftest import COOKIE, NodeFactory, peer_of
 from tests.support.procs import async_wait_until
@@ -158,3 +159,21 @@ async def test_hooks_that_cannot_be_called_are_refused_when_added() -> None:
     node.on_stop(lambda: None)
     node.add_listener(print)
     await node.stop()
+
+
+def test_run_given_a_function_instead_of_a_coroutine_says_to_call_it() -> None:
+    node = Node(Settings(cookie=COOKIE, host="127.0.0.1", topology="static"))
+
+    async def main() -> None:
+        pass
+
+    # Before: the node started, then "'function' object has no attribute 'close'".
+    with pytest.raises(
+        TypeError, match=r"coroutine as app, got <function .*: shoal.run\(node, main\(\)\)"
+    ):
+        shoal.run(node, main)  # type: ignore[call-overload]
+    assert node.mesh is None and not node.listening
+    with pytest.raises(
+        TypeError, match=r"coroutine as main, got <function .*: shoal.run\(main\(\)\)"
+    ):
+        shoal.run(main)  # type: ignore[call-overload]
