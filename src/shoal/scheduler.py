@@ -299,6 +299,7 @@ class Scheduler:
         self._stop_ticker(name)
         del self._jobs[name]
         self._states.pop(name, None)
+        self._forget_runs(name)
         self._debug_log("job %r deleted", name)
         return job
 
@@ -674,7 +675,14 @@ class Scheduler:
         inflight = self._inflight[job.name]
         inflight.add(task)
         task.add_done_callback(inflight.discard)
+        task.add_done_callback(lambda _task: self._forget_runs(job.name))
         return task
+
+    def _forget_runs(self, name: str) -> None:
+        """Drop a deleted job's run set once empty: run-time jobs with ever-new names would
+        otherwise leave one each, for good. Kept while a run of it may still be drained."""
+        if name not in self._jobs and not self._inflight.get(name):
+            self._inflight.pop(name, None)
 
     async def _fire(self, job: Job, tick: datetime) -> RunResult | None:
         """Report the start, dispatch, record the outcome, report it."""

@@ -378,3 +378,26 @@ async def test_a_deleted_or_deactivated_job_stops_ticking_and_a_new_one_ticks(
     stopped_at, count = time.time(), len(ran)
     await async_wait_until(lambda: time.time() > int(stopped_at) + 1.3, 3.0)
     assert len(ran) == count
+
+
+async def test_deleted_jobs_leave_nothing_behind(scheduler: Scheduler) -> None:
+    # Run-time jobs with ever-new names (one per tenant, per report...) used to leave an
+    # entry each in the engine for good.
+    for n in range(50):
+        scheduler.add_job("@daily", lambda: None, name=f"report-{n}")
+        scheduler.delete_job(f"report-{n}")
+    assert scheduler._inflight == {}
+
+    release = asyncio.Event()
+
+    async def busy() -> None:
+        await release.wait()
+
+    scheduler.add_job("@daily", busy, name="busy")
+    running = asyncio.ensure_future(scheduler.run_now("busy"))
+    await async_wait_until(lambda: scheduler._inflight["busy"], timeout=5)
+    scheduler.delete_job("busy")
+    assert scheduler._inflight["busy"]  # a run in flight: stop() still drains it
+    release.set()
+    assert (await running).status == "ok"
+    assert scheduler._inflight == {}
