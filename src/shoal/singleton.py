@@ -54,6 +54,10 @@ T = TypeVar("T")
 STATE_HANDLER = "shoal.singleton.state"
 PREPARE_HANDLER = "shoal.singleton.prepare"
 CONFIRM_HANDLER = "shoal.singleton.confirm"
+# The longest singleton name. Every name travels in each state message (several times),
+# which must fit in one frame: a longer one ended the singletons' checker on its first
+# broadcast (MessageTooLarge), and with it every singleton and the cron leader.
+MAX_NAME = 200
 # How often holders re-check quorum freshness and lease deadlines.
 CHECK_INTERVAL = 0.1
 # A singleton task that raised is started again after this pause (no crash loop).
@@ -190,8 +194,9 @@ class Singletons:
             raise ValueError(f"unknown singleton mode {mode!r}: use mesh, quorum or lease")
         if mode == "lease" and not self.settings.lease_dsn:
             raise ValueError("lease mode needs SHOAL_LEASE_DSN (a Postgres DSN)")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a singleton's name is a non-empty string, got {name!r}")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
+            shown = repr(name) if not isinstance(name, str) else f"{len(name)} characters"
+            raise ValueError(f"a singleton's name is a string of 1-{MAX_NAME} characters: {shown}")
         if name in self._items:
             raise ValueError(f"a singleton named {name!r} is already registered")
         if not isinstance(func, Service):

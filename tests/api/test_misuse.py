@@ -56,6 +56,9 @@ async def test_a_handler_or_singleton_that_cannot_be_called_is_refused_when_regi
     async def no_ctx() -> None:
         pass
 
+    async def with_ctx(_ctx: SingletonContext) -> None:
+        pass
+
     # Without the check, these registered: a handler then failed every call with a
     # RemoteError (the TypeError logged on the receiver), a singleton in its task.
     with pytest.raises(ValueError, match=r"handler 'greet' must take \(payload, sender\)"):
@@ -66,6 +69,10 @@ async def test_a_handler_or_singleton_that_cannot_be_called_is_refused_when_regi
         node.add_singleton("leader", no_ctx)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"singleton 'cache' must be a function .* got None"):
         node.add_singleton("cache", None)  # type: ignore[arg-type]
+    # A name too long for the state message ended the singletons' checker at its first
+    # broadcast: no singleton, nor the cron leader, ever ran again.
+    with pytest.raises(ValueError, match=r"a singleton's name is a string of 1-200 .*: 600000"):
+        node.add_singleton("x" * 600_000, with_ctx)
     with pytest.raises(ValueError, match=r"a handler's name is a non-empty string, got 7"):
         node.register(7, lambda payload, sender: payload)  # type: ignore[arg-type]
 
