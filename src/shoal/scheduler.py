@@ -690,6 +690,14 @@ class Scheduler:
         state = self._states[job.name]
         try:
             await self._emit(job, state)
+        except asyncio.CancelledError:
+            # Cancelled before it ran (a drain while the start was being saved): its
+            # running marker must not outlive it, or every node keeps skipping the job
+            # (overlap=False) on a run that never was, re-sent each time peers reconnect.
+            self._clear_running(job, state)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._emit(job, state))
+            raise
         except Exception:
             log.exception(
                 "job %r: state_changed failed for tick %s; not running it",

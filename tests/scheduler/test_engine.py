@@ -355,6 +355,36 @@ async def test_stop_leading_cancels_runs_at_the_drain_bound(scheduler: Scheduler
     assert states["forever"].running_since is None
 
 
+async def test_a_run_cancelled_while_its_start_is_saved_leaves_no_running_marker(
+    scheduler: Scheduler,
+) -> None:
+    """A holder cut off from its store hangs in saving a tick's start; its drain cancels the
+    run. Its state must not keep saying "running": peers adopt that state when they
+    reconnect and would skip the job (overlap=False) for good. Seen in a full run."""
+    saving, reported = asyncio.Event(), asyncio.Queue[JobState]()
+    ran: list[datetime] = []
+
+    async def hangs_on_the_first_save(_job: Job, state: JobState) -> None:
+        reported.put_nowait(state)
+        if not saving.is_set():
+            saving.set()
+            await asyncio.Event().wait()  # the store does not answer
+
+    scheduler.state_changed = hangs_on_the_first_save
+    scheduler.add_job("* * * * * *", lambda: ran.append(datetime.now(UTC)), name="cut")
+    await scheduler.start()
+    scheduler.start_leading()
+    await asyncio.wait_for(saving.wait(), DEADLINE)
+    states = await asyncio.wait_for(scheduler.stop_leading(drain_timeout=0.2), DEADLINE)
+    assert not ran
+    assert (states["cut"].running_on, states["cut"].running_since) == (None, None)
+    assert scheduler.job_state("cut").running_on is None
+    started = await asyncio.wait_for(reported.get(), DEADLINE)
+    cleared = await asyncio.wait_for(reported.get(), DEADLINE)  # told to the peers too
+    assert started.running_on is not None and cleared.running_on is None
+    assert cleared.last_tick == started.last_tick  # the tick still counts as started
+
+
 async def test_stop_leading_lets_short_runs_finish(scheduler: Scheduler) -> None:
     started = asyncio.Event()
 
