@@ -239,7 +239,7 @@ class Connection(asyncio.Protocol):
             try:
                 # Messages go straight to messaging (`Mesh.dispatch` routes the rest).
                 if type(frame) is list and frame and type(frame[0]) is int:
-                    if frame[0] in _MESSAGING_KINDS:
+                    if frame[0] in wire.PAYLOAD_KINDS:
                         on_message(self.peer_name, frame)  # type: ignore[arg-type]
                         continue
                 mesh.dispatch(self, frame)
@@ -840,7 +840,7 @@ class Mesh:
         if type(frame) is not list or not frame or type(frame[0]) is not int:
             raise wire.FrameError("malformed message")
         kind = frame[0]
-        if kind in _MESSAGING_KINDS:
+        if kind in wire.PAYLOAD_KINDS:
             self._on_frame(conn.peer_name, frame)  # type: ignore[arg-type]  # established
         elif kind == wire.HEARTBEAT:
             return
@@ -926,9 +926,6 @@ class Mesh:
                     conn.drop(f"it has not caught up with what we sent for {behind:.1f} s")
                 elif now - conn.last_sent >= interval / 2:
                     conn.send_encoded(heartbeat)
-
-
-_MESSAGING_KINDS = frozenset({wire.SEND, wire.CALL, wire.REPLY, wire.PUBLISH})
 
 
 def _tls_contexts(settings: Settings) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:

@@ -413,8 +413,16 @@ class Messaging:
         elif kind == wire.REPLY and len(frame) == 4:
             entry = self._calls.get(frame[1]) if isinstance(frame[1], int) else None
             if entry is not None and entry[1] == sender and not entry[0].done():
-                if frame[2] is True:
+                if frame[2] is True and type(frame[3]) is not wire.UnreadablePayload:
                     entry[0].set_result(frame[3])
+                elif frame[2] is True:
+                    entry[0].set_exception(
+                        RemoteError(
+                            f"the reply of {entry[2]!r} from {sender} could not be decoded "
+                            f"here: {frame[3].reason}",
+                            "UnreadablePayload",
+                        )
+                    )
                 else:
                     kind = frame[2] if isinstance(frame[2], str) else None
                     error = _REPLY_ERRORS.get(kind)
@@ -435,10 +443,21 @@ class Messaging:
                 future.set_exception(NodeDown(f"{node} went down ({event.reason})"))
 
     def _deliver(self, topic: str, payload: Any, sender: str) -> None:
+        if type(payload) is wire.UnreadablePayload:  # the message is lost, not the connection
+            log.warning(
+                "dropped a message on topic %r from %s: its payload could not be decoded: %s",
+                topic,
+                sender,
+                payload.reason,
+            )
+            return
         for subscription in self._topics.get(topic, ()):
             subscription.deliver(payload, sender)
 
     def _run_handler(self, name: str, payload: Any, sender: str, call_id: int | None) -> None:
+        if type(payload) is wire.UnreadablePayload:  # the message fails, not the connection
+            self._unreadable(name, sender, call_id, payload)
+            return
         entry = self._handlers.get(name)
         if entry is None:
             log.debug("no handler %r for a message from %s", name, sender)
@@ -487,6 +506,18 @@ class Messaging:
             self._inflight[sender] -= 1
             if not self._inflight[sender]:
                 del self._inflight[sender]
+
+    def _unreadable(
+        self, name: str, sender: str, call_id: int | None, payload: wire.UnreadablePayload
+    ) -> None:
+        """A message for `name` whose payload this node cannot decode: a call fails with
+        RemoteError saying why; a send is dropped, and logged (its sender learns nothing)."""
+        why = f"the payload of a message for {name!r} from {sender} could not be decoded"
+        if call_id is None:
+            log.warning("dropped %s: %s", why, payload.reason)
+            return
+        error = RemoteError(f"{why} on {self.node_name}: {payload.reason}", "UnreadablePayload")
+        self._reply(sender, call_id, False, error_to_wire(error))
 
     def _refuse(self, name: str, sender: str, call_id: int | None) -> None:
         """Too many handler calls from `sender` are running: say Busy, or drop a send."""

@@ -91,6 +91,41 @@ def _no_ext(code: int, data: bytes) -> Any:
 _unpackb = functools.partial(
     msgpack.unpackb, raw=False, strict_map_key=False, max_ext_len=0, ext_hook=_no_ext
 )
+# The same, with arrays as tuples: only to read a frame `_unpackb` could not (`_salvage`).
+_unpackb_tuples = functools.partial(_unpackb, use_list=False)
+# The kinds whose last field is the app's payload.
+PAYLOAD_KINDS = frozenset({SEND, CALL, REPLY, PUBLISH})
+
+
+class UnreadablePayload(NamedTuple):
+    """Stands in for a payload that is valid msgpack but no Python value: a map with an
+    array as a key (the sender's dict was keyed by tuples). That message fails, with
+    this reason; its connection, and every other message on it, is unharmed."""
+
+    reason: str
+
+
+_UNREADABLE = UnreadablePayload(
+    "a map in it has an array as a key (a dict keyed by tuples?): "
+    "keys must be str, int, float, bool, None or bytes"
+)
+
+
+def _salvage(data: bytes | memoryview) -> list[Any]:
+    """The frame that `_unpackb` refused with a TypeError, its payload replaced by
+    `_UNREADABLE`; FrameError unless everything but the payload is shoal's own fields."""
+    try:
+        frame = _unpackb_tuples(data)
+    except Exception as exc:
+        raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
+    if (
+        type(frame) is not tuple
+        or len(frame) < 3
+        or frame[0] not in PAYLOAD_KINDS
+        or not all(type(field) in (int, str, bool) for field in frame[:-1])
+    ):
+        raise FrameError("undecodable frame: TypeError")
+    return [*frame[:-1], _UNREADABLE]
 
 
 # Fewer bytes than this hold fewer objects than the GC's first threshold (700
@@ -138,6 +173,8 @@ def unpack(data: bytes | memoryview) -> Any:
     """Decode one msgpack value; any malformation is a FrameError."""
     try:
         return _unpackb(data)
+    except TypeError:
+        return _salvage(data)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
 
@@ -183,6 +220,8 @@ class FrameDecoder:
                 # Commonest case: exactly one whole frame (a call, a reply).
                 try:
                     return [_unpackb(data[4:])]
+                except TypeError:
+                    return [_salvage(data[4:])]
                 except Exception as exc:  # msgpack raises several types on bad input
                     raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
         if not buffer and data:
@@ -218,6 +257,9 @@ class FrameDecoder:
                         break
                     try:
                         frames.append(_unpackb(view[offset + 4 : end]))
+                    except TypeError:  # a copy: a view in a FrameError's traceback would
+                        # keep the buffer exported, and clearing it would fail (fuzzed)
+                        frames.append(_salvage(bytes(view[offset + 4 : end])))
                     except Exception as exc:  # msgpack raises several types on bad input
                         raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
                     offset = end

@@ -463,6 +463,41 @@ async def test_a_reply_that_cannot_be_sent_fails_the_call_with_the_reason(
     assert await a.call(b.name, "shoal.ping", None) == "pong"
 
 
+async def test_a_dict_keyed_by_tuples_fails_its_message_but_not_the_connection(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # msgpack encodes a tuple key as an array, which Python cannot use as a dict key: the
+    # receiver's decode fails. Before, it took that for a malformed frame and dropped the
+    # connection, so a payload (or reply) knocked its sender off the mesh.
+    a, b = await mesh_of(make_node, 2)
+    downs: list[str] = []
+    a.add_listener(lambda event: downs.append(event.node) if event.kind == "down" else None)
+    got: list[Any] = []
+    b.register("record", recorder(got), sync_to_thread=False)
+    b.register("tuple_keys", lambda _p, _s: {(1, 2): "x"}, sync_to_thread=False)
+    keyed = {"ok": 1, "nested": [{(1, "a"): 2}]}
+    with pytest.raises(RemoteError) as raised:
+        await a.call(b.name, "record", keyed)
+    assert raised.value.type_name == "UnreadablePayload"
+    assert f"message for 'record' from {a.name} could not be decoded on {b.name}" in str(
+        raised.value
+    )
+    assert "a dict keyed by tuples?" in str(raised.value)
+    with pytest.raises(RemoteError, match=f"the reply of 'tuple_keys' from {b.name} could not"):
+        await a.call(b.name, "tuple_keys", None)
+    with b.subscribe("t") as topic, caplog.at_level(logging.WARNING, logger="shoal"):
+        await a.send(b.name, "record", keyed)
+        await a.publish("t", keyed)
+        await a.publish("t", "after")  # the same connection carries the next message
+        assert await next_of(topic) == ("after", a.name)
+    assert got == []
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == 2 and "for 'record'" in dropped[0] and "topic 't'" in dropped[1]
+    assert await a.call(b.name, "record", {1: (1, 2)}) == "ok"  # int keys, tuple values: fine
+    assert got == [({1: [1, 2]}, a.name)]
+    assert downs == [] and a.nodes() == [b.name]
+
+
 async def test_an_error_passed_on_from_a_nested_call_keeps_its_type(
     make_node: NodeFactory,
 ) -> None:
