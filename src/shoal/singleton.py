@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
-from shoal import logs
+from shoal import logs, wire
 from shoal.mesh import MembershipEvent
 from shoal.messaging import check_signature
 from shoal.quorum import Acceptor, Ballot, majority, parse_ballot
@@ -201,6 +201,7 @@ class Singletons:
             raise ValueError(f"a singleton named {name!r} is already registered")
         if not isinstance(func, Service):
             check_signature(f"singleton {name!r}", func, "(ctx), or be a Service", None)
+        self._check_state_fits([*self._items, name])
         run = _service_runner(func) if isinstance(func, Service) else func
         self._items[name] = _Singleton(name, run, mode)
         if self._checker is not None:
@@ -282,6 +283,26 @@ class Singletons:
             "claiming": sorted(n for n, i in self._items.items() if i.claiming),
             "ballots": {n: list(b) for n, b in self.acceptor.promised.items()},
         }
+
+    def _check_state_fits(self, names: list[str]) -> None:
+        """Refuse a singleton whose name would make the state message outgrow one frame
+        at its largest (every name held, claimed and balloted): that broadcast would fail
+        with MessageTooLarge in the checker, and no singleton would run again."""
+        longest_node_name = "n" * 320
+        worst = {
+            "held": dict.fromkeys(names, 0.0),
+            "registered": names,
+            "draining": False,
+            "claiming": names,
+            "ballots": {n: [2**63 - 1, longest_node_name] for n in names},
+        }
+        try:
+            wire.encode_frame([wire.SEND, STATE_HANDLER, worst], self.settings.max_frame_size)
+        except wire.MessageTooLarge:
+            raise ValueError(
+                f"too many singletons: with {names[-1]!r}, their {len(names)} names would not "
+                f"fit in one state message (SHOAL_MAX_FRAME_BYTES={self.settings.max_frame_size})"
+            ) from None
 
     def _broadcast(self, peers: list[str] | None = None) -> None:
         self.node.messaging.send_to_peers(STATE_HANDLER, self._local_state(), peers)

@@ -110,6 +110,35 @@ async def test_a_handler_or_topic_name_that_is_not_a_str_fails_at_the_sender(
     assert downs == [] and a.nodes() == [b.name]
 
 
+async def test_singletons_too_many_for_one_state_message_are_refused_and_the_rest_run(
+    make_node: NodeFactory,
+) -> None:
+    a = await make_node(max_frame_size=64 * 1024)
+    b = await make_node(peers=[peer_of(a)], max_frame_size=64 * 1024)
+    await a.wait_for_nodes(1, timeout=10)
+
+    async def hold(_ctx: SingletonContext) -> None:
+        await asyncio.Event().wait()
+
+    # Every name travels in each state message: without the check, the name that made it
+    # outgrow a frame stayed registered and every broadcast failed with MessageTooLarge.
+    names: list[str] = []
+    with pytest.raises(
+        ValueError, match=r"too many singletons: .* \(SHOAL_MAX_FRAME_BYTES=65536\)"
+    ):
+        for i in range(1000):
+            name = f"{i:03d}" + "x" * 197
+            a.add_singleton(name, hold, mode="mesh")
+            names.append(name)
+    assert 20 <= len(names) < 1000 and name not in a.singletons.holders()
+    # The state still goes out: b learns every one of them, held by a.
+    await async_wait_until(
+        lambda: all(b.singletons.holders().get(n) == a.name for n in names),
+        timeout=10,
+        message=f"b sees a holding all {len(names)} singletons",
+    )
+
+
 async def test_connect_says_what_is_wrong_with_its_target_or_the_node(
     make_node: NodeFactory,
 ) -> None:
