@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from shoal.scheduler import Scheduler
 
 log = logging.getLogger("shoal.node")
+# Events a `membership_events()` consumer may fall behind by; then the oldest are dropped.
+MEMBERSHIP_QUEUE = 1000
 
 MembershipListener = Callable[[MembershipEvent], None]
 JobFunc = TypeVar("JobFunc", bound=Callable[..., Any])
@@ -284,9 +286,22 @@ class Node:
         return lambda: self._listeners.remove(listener)
 
     async def membership_events(self) -> AsyncIterator[MembershipEvent]:
-        """Node up/down events as an async iterator."""
-        queue: asyncio.Queue[MembershipEvent] = asyncio.Queue()
-        remove = self.add_listener(queue.put_nowait)
+        """Node up/down events as an async iterator. A consumer that falls more than
+        MEMBERSHIP_QUEUE events behind loses the oldest (memory stays bounded), with a
+        warning; `node.nodes()` always has the current members."""
+        queue: asyncio.Queue[MembershipEvent] = asyncio.Queue(MEMBERSHIP_QUEUE)
+        dropped = 0
+
+        def put(event: MembershipEvent) -> None:
+            nonlocal dropped
+            if queue.full():
+                queue.get_nowait()
+                dropped += 1
+                if dropped in (1, 100, 10_000):
+                    log.warning("membership_events() consumer is slow: %d events dropped", dropped)
+            queue.put_nowait(event)
+
+        remove = self.add_listener(put)
         try:
             while True:
                 yield await queue.get()

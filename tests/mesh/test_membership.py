@@ -239,3 +239,22 @@ async def test_with_one_node_per_host_a_refused_peer_is_dialed_again_next_round(
     a.mesh.propose([peer])
     assert a.mesh.dialing, "dialed at once, no back-off"
     await connected(a, b)
+
+
+async def test_a_slow_membership_events_consumer_keeps_the_newest_events_only(
+    make_node: NodeFactory, caplog: Any
+) -> None:
+    a = await make_node()
+    b = await make_node([peer_of(a)])
+    events = a.membership_events()
+    first = asyncio.ensure_future(events.__anext__())  # subscribes, then waits
+    await connected(a, b)
+    assert await asyncio.wait_for(first, 5) == MembershipEvent("up", b.name)
+    # The consumer stalls while the cluster churns: it may not hold every event for good.
+    churn = [MembershipEvent("down", f"n{i}@127.0.0.9", "closed") for i in range(2500)]
+    for event in churn:
+        a._membership_changed(event)
+    kept = [await asyncio.wait_for(events.__anext__(), 5) for _ in range(1000)]
+    assert kept == churn[-1000:]  # the newest 1000 (MEMBERSHIP_QUEUE)
+    assert "membership_events() consumer is slow: 1 events dropped" in caplog.text
+    await events.aclose()
