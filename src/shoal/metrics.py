@@ -138,10 +138,11 @@ class NodeMetrics:
         reg.register(cast("Collector", _ScrapeTimeCollector(node)))
         node.add_listener(self._on_membership)
         node.messaging.call_observer = self._calls.observe
-        scheduler = node.scheduler
+        scheduler = self._scheduler = node.scheduler
         scheduler.on_tick_missed = self._on_missed
         scheduler.on_tick_skipped = self._on_skipped
         scheduler.on_job_stop = _chain(scheduler.on_job_stop, self._on_job_stop)
+        scheduler.on_job_deleted = self._on_job_deleted
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
@@ -157,9 +158,17 @@ class NodeMetrics:
             self._node_down.labels(event.reason or "unknown").inc()
 
     def _on_job_stop(self, job: Job, result: RunResult) -> None:
+        if job.name not in self._scheduler:  # deleted while it ran: its series are gone
+            return
         self._runs.labels(job.name, result.status).inc()
         self._duration.labels(job.name).observe(max(0.0, result.duration))
         self._lateness.labels(job.name).observe(max(0.0, result.lateness))
+
+    def _on_job_deleted(self, job: Job) -> None:
+        """Drop a deleted job's series: run-time jobs with ever-new names would otherwise
+        add series for good. A run of it that ends later is not counted."""
+        for metric in (self._runs, self._duration, self._lateness, self._missed, self._skipped):
+            metric.remove_by_labels({"job": job.name})
 
     def _on_missed(self, job: Job, first: datetime, last: datetime, outcome: str) -> None:
         """Ticks first..last were due while nothing ran them; see Scheduler.on_tick_missed."""

@@ -132,6 +132,7 @@ class Scheduler:
         self.on_job_exception = on_job_exception
         self.on_tick_missed: MissedHook | None = None  # for shoal.metrics
         self.on_tick_skipped: SkippedHook | None = None
+        self.on_job_deleted: Callable[[Job], None] | None = None  # metrics drop its series
         if misfire_grace < 0:
             raise ValueError(f"misfire_grace must be >= 0 seconds, got {misfire_grace!r}")
         self.misfire_grace = misfire_grace
@@ -300,6 +301,7 @@ class Scheduler:
         del self._jobs[name]
         self._states.pop(name, None)
         self._forget_runs(name)
+        self._call_hook(self.on_job_deleted, job)
         self._debug_log("job %r deleted", name)
         return job
 

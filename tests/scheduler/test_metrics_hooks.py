@@ -105,3 +105,42 @@ async def test_a_tick_skipped_for_overlap_is_counted_with_its_reason() -> None:
         release.set()
         await scheduler.stop(drain_timeout=0.5)
     assert sample(metrics, "shoal_job_skipped_ticks_total", job="slow", reason="misfire") == 0
+
+
+async def test_a_deleted_jobs_series_are_dropped_and_other_jobs_keep_theirs() -> None:
+    """Run-time jobs with ever-new names (one per customer, say) must not add series for
+    good: deleting a job drops every series labelled with it, even of a run in flight."""
+    node = Node(Settings(cookie=COOKIE, host="127.0.0.1", port=1, topology="static"))
+    metrics = NodeMetrics(node)
+    scheduler = node.scheduler
+    scheduler.dispatcher = None
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> None:
+        started.set()
+        await release.wait()
+
+    for name in ("kept", "gone", "gone-while-running"):
+        scheduler.add_job("0 0 1 1 *", lambda: None, name=name)
+    await scheduler.start()
+    try:
+        await scheduler.run_now("kept")
+        await scheduler.run_now("gone")
+        assert sample(metrics, "shoal_job_runs_total", job="gone", status="ok") == 1
+        scheduler.delete_job("gone")
+        body, _ = metrics.render()
+        assert 'job="gone"' not in body.decode()
+        assert sample(metrics, "shoal_job_runs_total", job="kept", status="ok") == 1
+        assert sample(metrics, "shoal_job_duration_seconds_count", job="kept") == 1
+        # A run that ends after its job was deleted adds no series back.
+        scheduler.delete_job("gone-while-running")
+        scheduler.add_job("0 0 1 1 *", slow, name="gone-while-running")
+        running = asyncio.ensure_future(scheduler.run_now("gone-while-running"))
+        await asyncio.wait_for(started.wait(), 5.0)
+        scheduler.delete_job("gone-while-running")
+        release.set()
+        assert (await running).status == "ok"
+        assert "gone-while-running" not in metrics.render()[0].decode()
+    finally:
+        release.set()
+        await scheduler.stop(drain_timeout=0.5)
