@@ -17,7 +17,10 @@ imported, asyncio's loop when SHOAL_TLS_* is set, see TLS_REASON), `uvloop`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import functools
 import os
 import signal
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -38,6 +41,16 @@ TLS_REASON = (
     "uvloop ignores pause_reading() in connection_made, which the mesh's TLS upgrade "
     "relies on; use SHOAL_EVENT_LOOP=asyncio (auto does)."
 )
+
+
+async def in_thread(executor: concurrent.futures.Executor, func: Callable[..., T], *args: Any) -> T:
+    """`asyncio.to_thread` on a given executor: the app's sync code that may block for
+    long (singletons, jobs) must not take the loop's default executor, whose few threads
+    (CPUs + 4) everything else sent to a thread needs too. Context variables (the log
+    fields of `shoal.logs`) go along, as with `to_thread`."""
+    context = contextvars.copy_context()
+    call = functools.partial(context.run, func, *args)
+    return await asyncio.get_running_loop().run_in_executor(executor, call)
 
 
 def uvloop_available() -> bool:

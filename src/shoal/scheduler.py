@@ -15,6 +15,7 @@ task so a slow job never delays the next tick.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import logging
@@ -26,6 +27,7 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, get_args
 
+import shoal.loop
 from shoal import logs, retries
 from shoal.cron import CronSchedule, DayMatch, resolve_zone
 from shoal.jobmodel import (
@@ -144,6 +146,8 @@ class Scheduler:
         self._states: dict[str, JobState] = {}
         self._tickers: dict[str, asyncio.Task[None]] = {}
         self._inflight: dict[str, set[asyncio.Task[RunResult | None]]] = {}
+        # Sync jobs' threads, apart from the loop's default executor (`shoal.loop.in_thread`).
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- switches -----------------------------------------------------------------------------
 
@@ -373,6 +377,9 @@ class Scheduler:
         the rest."""
         self._running = False
         await self._drain(list(self._inflight), drain_timeout)
+        if self._threads is not None:  # a sync run still going ends on its own
+            self._threads.shutdown(wait=False)
+            self._threads = None
 
     async def __aenter__(self) -> Scheduler:
         await self.start()
@@ -535,7 +542,9 @@ class Scheduler:
         if job._is_async:
             await job.fn(*args)
             return
-        outcome = await asyncio.to_thread(job.fn, *args)
+        if self._threads is None:
+            self._threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="shoal-job")
+        outcome = await shoal.loop.in_thread(self._threads, job.fn, *args)
         if inspect.isawaitable(outcome):
             await outcome
 

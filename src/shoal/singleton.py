@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
+import shoal.loop
 from shoal import logs, wire
 from shoal.mesh import MembershipEvent
 from shoal.messaging import check_signature
@@ -833,7 +834,8 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 
 
 async def _run_in_thread(func: SingletonFunc, ctx: SingletonContext) -> None:
-    """A sync singleton runs in a worker thread, so it may block without stalling the node.
+    """A sync singleton runs in a thread of its own, so it may block without stalling the
+    node, nor the other sync singletons and jobs.
 
     Its `ctx.is_valid()` asks the event loop (the holder's state lives there);
     once the loop is gone it answers False. Cancelling (a release) cannot stop
@@ -860,6 +862,13 @@ async def _run_in_thread(func: SingletonFunc, ctx: SingletonContext) -> None:
         except (RuntimeError, concurrent.futures.TimeoutError):  # the loop is closed or stuck
             return False
 
-    outcome = await asyncio.to_thread(func, dataclasses.replace(ctx, _valid=valid_from_thread))
+    # A thread of its own: it may hold it for as long as it is the holder.
+    thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"shoal-{ctx.name}")
+    try:
+        outcome = await shoal.loop.in_thread(
+            thread, func, dataclasses.replace(ctx, _valid=valid_from_thread)
+        )
+    finally:
+        thread.shutdown(wait=False)
     if inspect.isawaitable(outcome):
         await outcome
