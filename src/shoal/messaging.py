@@ -161,7 +161,21 @@ class Subscription:
 
     async def get(self) -> tuple[Any, str]:
         """The next (payload, sender) published on the topic."""
-        return await self._queue.get()
+        queue = self._queue
+        if not queue.empty():
+            return queue.get_nowait()
+        # While a task waits here, the node holds this subscription strongly: a task that
+        # nothing else holds (one the app started and forgot) is otherwise collected with
+        # it, and stops receiving. A subscription no one waits on stays weakly held.
+        waiting = self._messaging._waiting
+        waiting[self] = waiting.get(self, 0) + 1
+        try:
+            return await queue.get()
+        finally:
+            if waiting[self] == 1:
+                del waiting[self]
+            else:
+                waiting[self] -= 1
 
     def close(self) -> None:
         self._messaging._unsubscribe(self)
@@ -171,7 +185,7 @@ class Subscription:
 
     async def _iterate(self) -> AsyncIterator[Any]:
         while True:
-            payload, _ = await self._queue.get()
+            payload, _ = await self.get()
             yield payload
 
     def __enter__(self) -> Subscription:
@@ -216,6 +230,8 @@ class Messaging:
         # Weakly held: a subscription the app dropped without closing it (`async for` left
         # with break) would otherwise buffer up to SUBSCRIPTION_QUEUE payloads for good.
         self._topics: dict[str, weakref.WeakSet[Subscription]] = {}
+        # Subscriptions a task is waiting on (`Subscription.get`), held strongly meanwhile.
+        self._waiting: dict[Subscription, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Called with each remote call's round trip in seconds (shoal.metrics sets it).
         self.call_observer: Callable[[float], None] | None = None

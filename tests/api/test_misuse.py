@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -213,3 +214,30 @@ def test_run_given_a_function_instead_of_a_coroutine_says_to_call_it() -> None:
         TypeError, match=r"coroutine as main, got <function .*: shoal.run\(main\(\)\)"
     ):
         shoal.run(main)  # type: ignore[call-overload]
+
+
+async def test_a_subscription_waited_on_by_a_task_nobody_holds_keeps_receiving(
+    make_node: NodeFactory,
+) -> None:
+    """A listener started as a fire-and-forget task, as many apps start one: while it
+    waits for the next message, the node must hold its subscription (and so its task)."""
+    node: Node = await make_node()
+    received: list[Any] = []
+
+    async def listen() -> None:
+        async for payload in node.subscribe("orders"):
+            received.append(payload)
+
+    # Not held here on purpose (the loop holds tasks only weakly): what the app does.
+    task = weakref.ref(asyncio.ensure_future(listen()))
+    await async_wait_until(lambda: "orders" in node.messaging._topics, timeout=5)
+    for n in range(3):
+        gc.collect()  # before, the waiting task and its subscription were collected here
+        await node.publish("orders", n)
+        await async_wait_until(
+            lambda n=n: len(received) == n + 1, timeout=5, message=f"payload {n} received"
+        )
+    assert received == [0, 1, 2]
+    listener = task()
+    assert listener is not None
+    listener.cancel()
