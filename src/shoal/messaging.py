@@ -107,7 +107,9 @@ def check_signature(what: str, fn: Any, params: str, *args: Any) -> None:
     if not callable(fn):
         raise ValueError(f"{what} must be a function taking {params}, got {fn!r}")
     try:
-        inspect.signature(fn).bind(*args)
+        # The callable itself, not what a decorator's functools.wraps says it wraps: a
+        # decorator may supply arguments, and the wrapper is what will be called.
+        inspect.signature(fn, follow_wrapped=False).bind(*args)
     except TypeError:
         raise ValueError(f"{what} must take {params}: {fn!r} does not") from None
     except ValueError:

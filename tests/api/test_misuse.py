@@ -4,6 +4,7 @@ instead of leaving nothing registered or failing on the first message."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import weakref
 from typing import Any
@@ -86,6 +87,25 @@ async def test_a_handler_or_singleton_that_cannot_be_called_is_refused_when_regi
     node.register("twice", lambda payload, _sender: payload * 2)
     assert await node.call(node.name, "echo", 3) == 3
     assert await node.call(node.name, "twice", 3) == 6
+
+    # A decorator that supplies an argument (functools.wraps copies the inner function's
+    # signature as __wrapped__): what is called is the wrapper, so it is what is checked.
+    # Before, the inner signature was checked and the handler refused.
+    def with_db(fn: Any) -> Any:
+        @functools.wraps(fn)
+        async def wrapper(payload: Any, sender: str) -> Any:
+            return await fn(payload, sender, {"db": 1})
+
+        return wrapper
+
+    @with_db
+    async def lookup(payload: Any, _sender: str, db: dict[str, int]) -> Any:
+        return db[payload]
+
+    node.register("lookup", lookup)
+    assert await node.call(node.name, "lookup", "db") == 1
+    with pytest.raises(ValueError, match=r"handler 'bad' must take \(payload, sender\)"):
+        node.register("bad", functools.wraps(greet)(lambda payload: payload))
 
 
 async def test_a_handler_or_topic_name_that_is_not_a_str_fails_at_the_sender(
