@@ -175,6 +175,7 @@ class Singletons:
         self._settled = False
         self._stopping = False
         self._checker: asyncio.Task[None] | None = None
+        self._too_large = RateLimitedLog(log, streak=False)  # state sent without foreign ballots
         self._revalidating = False
         self._lost_at: dict[str, float] = {}  # peer -> monotonic time it went down
         self._lease: LeaseBackend | None = None
@@ -305,7 +306,23 @@ class Singletons:
             ) from None
 
     def _broadcast(self, peers: list[str] | None = None) -> None:
-        self.node.messaging.send_to_peers(STATE_HANDLER, self._local_state(), peers)
+        state = self._local_state()
+        try:
+            self.node.messaging.send_to_peers(STATE_HANDLER, state, peers)
+        except wire.MessageTooLarge:
+            # The acceptor's ballots also name singletons only other nodes register, which
+            # `_check_state_fits` cannot count. Learning them is an extra (each acceptor
+            # keeps its own promises), so send ours only: that fits, as registration checked.
+            own = {n: b for n, b in state["ballots"].items() if n in self._items}
+            self._too_large.problem(
+                "state",
+                "singleton state too large for one frame (SHOAL_MAX_FRAME_BYTES=%d) with the "
+                "ballots of %d singletons other nodes register: sent without them",
+                self.settings.max_frame_size,
+                len(state["ballots"]) - len(own),
+            )
+            state["ballots"] = own
+            self.node.messaging.send_to_peers(STATE_HANDLER, state, peers)
 
     def _on_peer_state(self, payload: Any, sender: str) -> None:
         if not isinstance(payload, dict) or sender not in self.node.nodes():

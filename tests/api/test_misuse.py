@@ -261,3 +261,48 @@ async def test_a_subscription_waited_on_by_a_task_nobody_holds_keeps_receiving(
     listener = task()
     assert listener is not None
     listener.cancel()
+
+
+async def test_a_state_message_with_other_nodes_ballots_that_outgrows_a_frame_still_goes_out(
+    make_node: NodeFactory,
+) -> None:
+    """Quorum mode: a node's state message carries the ballots its acceptor promised, also
+    for names only other nodes register, which its registration check cannot count."""
+    settings: dict[str, Any] = {
+        "max_frame_size": 64 * 1024,
+        "singleton_mode": "quorum",
+        "expected_nodes": 4,
+    }
+    first = await make_node(**settings)
+    nodes = [first, *[await make_node(peers=[peer_of(first)], **settings) for _ in range(3)]]
+    for node in nodes:
+        await node.wait_for_nodes(3, timeout=10)
+
+    async def hold(_ctx: SingletonContext) -> None:
+        await asyncio.Event().wait()
+
+    def register_all(node: Node, prefix: str) -> list[str]:
+        names: list[str] = []
+        with pytest.raises(ValueError, match=r"too many singletons"):
+            for i in range(1000):
+                names.append(f"{prefix}{i:03d}" + "x" * 196)
+                node.add_singleton(names[-1], hold)
+        return names[:-1]
+
+    # Each node registers as many names as fit its own state, each under other names;
+    # every acceptor promises them all. Before, the state outgrew a frame: each node's
+    # checker ended with MessageTooLarge, and peers stopped learning what it held.
+    names = {node.name: register_all(node, "abcd"[i]) for i, node in enumerate(nodes)}
+
+    def settled() -> bool:
+        for node in nodes:
+            assert node.singletons._checker is not None
+            assert not node.singletons._checker.done(), node.singletons._checker
+        return all(
+            seen.singletons.holders().get(name) == holder
+            for holder in names
+            for seen in nodes
+            for name in names[holder]
+        )
+
+    await async_wait_until(settled, timeout=30, message="all see who holds every singleton")
