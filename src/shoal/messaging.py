@@ -234,6 +234,7 @@ class Messaging:
         self._topics: dict[str, weakref.WeakSet[Subscription]] = {}
         # Subscriptions a task is waiting on (`Subscription.get`), held strongly meanwhile.
         self._waiting: dict[Subscription, int] = {}
+        self._sweep_topics_at = 64  # `_topics` entries before the next `_sweep_topics`
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Called with each remote call's round trip in seconds (shoal.metrics sets it).
         self.call_observer: Callable[[float], None] | None = None
@@ -390,8 +391,19 @@ class Messaging:
     def subscribe(self, topic: str) -> Subscription:
         check_name("topic", topic)  # another type would never match a peer's message
         subscription = Subscription(self, topic)
-        self._topics.setdefault(topic, weakref.WeakSet()).add(subscription)
+        topics = self._topics
+        if topic not in topics and len(topics) >= self._sweep_topics_at:
+            self._sweep_topics()
+        topics.setdefault(topic, weakref.WeakSet()).add(subscription)
         return subscription
+
+    def _sweep_topics(self) -> None:
+        """Forget the topics whose subscriptions were all dropped unclosed (collected, so
+        never `_unsubscribe`d): ever-new topics (one per request, say) would otherwise
+        leave an empty entry each, for good. Amortised: at most once per doubling."""
+        for topic in [t for t, subscribers in self._topics.items() if not subscribers]:
+            del self._topics[topic]
+        self._sweep_topics_at = 2 * len(self._topics) + 64
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         subscribers = self._topics.get(subscription.topic)

@@ -236,6 +236,29 @@ def test_run_given_a_function_instead_of_a_coroutine_says_to_call_it() -> None:
         shoal.run(main)  # type: ignore[call-overload]
 
 
+async def test_topics_whose_subscriptions_were_all_dropped_are_forgotten(
+    make_node: NodeFactory,
+) -> None:
+    node: Node = await make_node()
+
+    async def reply(n: int) -> Any:
+        subscription = node.subscribe(f"reply-{n}")
+        await node.publish(f"reply-{n}", n)
+        async for payload in subscription:  # not closed: no `with`
+            return payload
+
+    # One topic per request, each left with break: before, each left an empty entry in
+    # the node's topics for good.
+    for n in range(400):
+        assert await reply(n) == n
+        await asyncio.sleep(0)  # the loop closes the iterator left with break (aclose)
+    gc.collect()
+    with node.subscribe("held") as held:
+        assert len(node.messaging._topics) < 200
+        await node.publish("held", "kept")
+        assert await asyncio.wait_for(held.get(), 5) == ("kept", node.name)
+
+
 async def test_a_subscription_waited_on_by_a_task_nobody_holds_keeps_receiving(
     make_node: NodeFactory,
 ) -> None:
