@@ -58,6 +58,9 @@ CONFIRM_HANDLER = "shoal.singleton.confirm"
 # which must fit in one frame: a longer one ended the singletons' checker on its first
 # broadcast (MessageTooLarge), and with it every singleton and the cron leader.
 MAX_NAME = 200
+# The cron leader's singleton (shoal.jobs), registered when the node starts, after the
+# app's: its room in the state message is kept from the start (`_check_state_fits`).
+SCHEDULER_LEADER = "shoal.scheduler"
 # How often holders re-check quorum freshness and lease deadlines.
 CHECK_INTERVAL = 0.1
 # A singleton task that raised is started again after this pause (no crash loop).
@@ -290,12 +293,13 @@ class Singletons:
         at its largest (every name held, claimed and balloted): that broadcast would fail
         with MessageTooLarge in the checker, and no singleton would run again."""
         longest_node_name = "n" * 320
+        counted = names if SCHEDULER_LEADER in names else [*names, SCHEDULER_LEADER]
         worst = {
-            "held": dict.fromkeys(names, 0.0),
-            "registered": names,
+            "held": dict.fromkeys(counted, 0.0),
+            "registered": counted,
             "draining": False,
-            "claiming": names,
-            "ballots": {n: [2**63 - 1, longest_node_name] for n in names},
+            "claiming": counted,
+            "ballots": {n: [2**63 - 1, longest_node_name] for n in counted},
         }
         try:
             wire.encode_frame([wire.SEND, STATE_HANDLER, worst], self.settings.max_frame_size)

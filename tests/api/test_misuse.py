@@ -329,3 +329,27 @@ async def test_a_state_message_with_other_nodes_ballots_that_outgrows_a_frame_st
         )
 
     await async_wait_until(settled, timeout=30, message="all see who holds every singleton")
+
+
+async def test_singletons_registered_before_start_leave_room_for_the_cron_leader(
+    hosts: Any,
+) -> None:
+    from tests.mesh.conftest import Proposals, settings_for
+
+    node = Node(settings_for(hosts(), max_frame_size=64 * 1024), Proposals())
+
+    async def hold(_ctx: SingletonContext) -> None:
+        await asyncio.Event().wait()
+
+    # As many as fit, long names then short ones: the last bytes of the state message.
+    for width in (200, 16):
+        with pytest.raises(ValueError, match=r"too many singletons"):
+            for i in range(1000):
+                node.add_singleton(f"{width}-{i:03d}".ljust(width, "x"), hold)
+    try:
+        # Before, the start failed, naming 'shoal.scheduler', a singleton the app never
+        # registered: the cron leader's, added at start, after the app's.
+        await node.start()
+        assert "shoal.scheduler" in node.singletons.holders()
+    finally:
+        await node.stop()
