@@ -241,6 +241,8 @@ class Messaging:
         self._inflight: collections.Counter[str] = collections.Counter()  # by sender
         self._refused = 0
         self._refused_logged = -1.0
+        self._unreadable_dropped = 0  # sends and publishes whose payload was unreadable
+        self._unreadable_logged = -math.inf
 
     # handlers --------------------------------------------------------------
     def register(self, name: str, handler: Handler, *, sync_to_thread: bool | None = None) -> None:
@@ -474,12 +476,7 @@ class Messaging:
 
     def _deliver(self, topic: str, payload: Any, sender: str) -> None:
         if type(payload) is wire.UnreadablePayload:  # the message is lost, not the connection
-            log.warning(
-                "dropped a message on topic %r from %s: its payload could not be decoded: %s",
-                topic,
-                sender,
-                payload.reason,
-            )
+            self._dropped_unreadable(f"a message on topic {topic!r} from {sender}", payload)
             return
         for subscription in self._topics.get(topic, ()):
             subscription.deliver(payload, sender)
@@ -544,10 +541,24 @@ class Messaging:
         RemoteError saying why; a send is dropped, and logged (its sender learns nothing)."""
         why = f"the payload of a message for {name!r} from {sender} could not be decoded"
         if call_id is None:
-            log.warning("dropped %s: %s", why, payload.reason)
+            self._dropped_unreadable(f"a message for {name!r} from {sender}", payload)
             return
         error = RemoteError(f"{why} on {self.node_name}: {payload.reason}", "UnreadablePayload")
         self._reply(sender, call_id, False, error_to_wire(error))
+
+    def _dropped_unreadable(self, what: str, payload: wire.UnreadablePayload) -> None:
+        """Log a dropped send or publish, at most once a second: a sender that sends such
+        payloads in a loop must not flood every receiver's log (as `_refuse` says)."""
+        self._unreadable_dropped += 1
+        now = time.monotonic()
+        if now - self._unreadable_logged >= 1.0:
+            self._unreadable_logged = now
+            log.warning(
+                "dropped %s: its payload could not be decoded: %s (%d dropped so far)",
+                what,
+                payload.reason,
+                self._unreadable_dropped,
+            )
 
     def _refuse(self, name: str, sender: str, call_id: int | None) -> None:
         """Too many handler calls from `sender` are running: say Busy, or drop a send."""
