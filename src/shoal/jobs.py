@@ -44,7 +44,13 @@ from shoal.scheduler import (
     RunResult,
     Scheduler,
 )
-from shoal.singleton import Service, SingletonContext, SingletonFunc, Singletons
+from shoal.singleton import (
+    SCHEDULER_LEADER,
+    Service,
+    SingletonContext,
+    SingletonFunc,
+    Singletons,
+)
 
 if TYPE_CHECKING:
     from shoal.config import Settings
@@ -54,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.jobs")
 
-LEADER_SINGLETON = "shoal.scheduler"
+LEADER_SINGLETON = SCHEDULER_LEADER
 STATE_HANDLER = "shoal.jobs.state"
 RUN_HANDLER = "shoal.jobs.run"
 DEFS_HANDLER = "shoal.jobs.defs"

@@ -107,7 +107,9 @@ def check_signature(what: str, fn: Any, params: str, *args: Any) -> None:
     if not callable(fn):
         raise ValueError(f"{what} must be a function taking {params}, got {fn!r}")
     try:
-        inspect.signature(fn).bind(*args)
+        # The callable itself, not what a decorator's functools.wraps says it wraps: a
+        # decorator may supply arguments, and the wrapper is what will be called.
+        inspect.signature(fn, follow_wrapped=False).bind(*args)
     except TypeError:
         raise ValueError(f"{what} must take {params}: {fn!r} does not") from None
     except ValueError:
@@ -161,7 +163,21 @@ class Subscription:
 
     async def get(self) -> tuple[Any, str]:
         """The next (payload, sender) published on the topic."""
-        return await self._queue.get()
+        queue = self._queue
+        if not queue.empty():
+            return queue.get_nowait()
+        # While a task waits here, the node holds this subscription strongly: a task that
+        # nothing else holds (one the app started and forgot) is otherwise collected with
+        # it, and stops receiving. A subscription no one waits on stays weakly held.
+        waiting = self._messaging._waiting
+        waiting[self] = waiting.get(self, 0) + 1
+        try:
+            return await queue.get()
+        finally:
+            if waiting[self] == 1:
+                del waiting[self]
+            else:
+                waiting[self] -= 1
 
     def close(self) -> None:
         self._messaging._unsubscribe(self)
@@ -171,7 +187,7 @@ class Subscription:
 
     async def _iterate(self) -> AsyncIterator[Any]:
         while True:
-            payload, _ = await self._queue.get()
+            payload, _ = await self.get()
             yield payload
 
     def __enter__(self) -> Subscription:
@@ -216,12 +232,17 @@ class Messaging:
         # Weakly held: a subscription the app dropped without closing it (`async for` left
         # with break) would otherwise buffer up to SUBSCRIPTION_QUEUE payloads for good.
         self._topics: dict[str, weakref.WeakSet[Subscription]] = {}
+        # Subscriptions a task is waiting on (`Subscription.get`), held strongly meanwhile.
+        self._waiting: dict[Subscription, int] = {}
+        self._sweep_topics_at = 64  # `_topics` entries before the next `_sweep_topics`
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Called with each remote call's round trip in seconds (shoal.metrics sets it).
         self.call_observer: Callable[[float], None] | None = None
         self._inflight: collections.Counter[str] = collections.Counter()  # by sender
         self._refused = 0
         self._refused_logged = -1.0
+        self._unreadable_dropped = 0  # sends and publishes whose payload was unreadable
+        self._unreadable_logged = -math.inf
 
     # handlers --------------------------------------------------------------
     def register(self, name: str, handler: Handler, *, sync_to_thread: bool | None = None) -> None:
@@ -375,8 +396,19 @@ class Messaging:
     def subscribe(self, topic: str) -> Subscription:
         check_name("topic", topic)  # another type would never match a peer's message
         subscription = Subscription(self, topic)
-        self._topics.setdefault(topic, weakref.WeakSet()).add(subscription)
+        topics = self._topics
+        if topic not in topics and len(topics) >= self._sweep_topics_at:
+            self._sweep_topics()
+        topics.setdefault(topic, weakref.WeakSet()).add(subscription)
         return subscription
+
+    def _sweep_topics(self) -> None:
+        """Forget the topics whose subscriptions were all dropped unclosed (collected, so
+        never `_unsubscribe`d): ever-new topics (one per request, say) would otherwise
+        leave an empty entry each, for good. Amortised: at most once per doubling."""
+        for topic in [t for t, subscribers in self._topics.items() if not subscribers]:
+            del self._topics[topic]
+        self._sweep_topics_at = 2 * len(self._topics) + 64
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         subscribers = self._topics.get(subscription.topic)
@@ -447,12 +479,7 @@ class Messaging:
 
     def _deliver(self, topic: str, payload: Any, sender: str) -> None:
         if type(payload) is wire.UnreadablePayload:  # the message is lost, not the connection
-            log.warning(
-                "dropped a message on topic %r from %s: its payload could not be decoded: %s",
-                topic,
-                sender,
-                payload.reason,
-            )
+            self._dropped_unreadable(f"a message on topic {topic!r} from {sender}", payload)
             return
         for subscription in self._topics.get(topic, ()):
             subscription.deliver(payload, sender)
@@ -517,10 +544,24 @@ class Messaging:
         RemoteError saying why; a send is dropped, and logged (its sender learns nothing)."""
         why = f"the payload of a message for {name!r} from {sender} could not be decoded"
         if call_id is None:
-            log.warning("dropped %s: %s", why, payload.reason)
+            self._dropped_unreadable(f"a message for {name!r} from {sender}", payload)
             return
         error = RemoteError(f"{why} on {self.node_name}: {payload.reason}", "UnreadablePayload")
         self._reply(sender, call_id, False, error_to_wire(error))
+
+    def _dropped_unreadable(self, what: str, payload: wire.UnreadablePayload) -> None:
+        """Log a dropped send or publish, at most once a second: a sender that sends such
+        payloads in a loop must not flood every receiver's log (as `_refuse` says)."""
+        self._unreadable_dropped += 1
+        now = time.monotonic()
+        if now - self._unreadable_logged >= 1.0:
+            self._unreadable_logged = now
+            log.warning(
+                "dropped %s: its payload could not be decoded: %s (%d dropped so far)",
+                what,
+                payload.reason,
+                self._unreadable_dropped,
+            )
 
     def _refuse(self, name: str, sender: str, call_id: int | None) -> None:
         """Too many handler calls from `sender` are running: say Busy, or drop a send."""

@@ -136,15 +136,18 @@ class Node:
         claimed, self._claimed_port = self._claimed_port, None
         self.mesh = Mesh(self.settings, self.messaging.on_frame, self._membership_changed, claimed)
         self.messaging.mesh = self.mesh
-        await self.mesh.start()
-        self.lag.start()
         try:
+            await self.mesh.start()
+            self.lag.start()
             strategy = self._strategy or strategy_for(self.settings)
             await self.singletons.start()
             await jobs.start()
         except BaseException:
-            await self.mesh.stop()  # do not leave the port bound behind a failed start
-            self.mesh = None
+            # Not started: no port left bound, and no mesh left behind, so that the app
+            # may start again (e.g. once the port is free).
+            await self.mesh.stop()
+            await self.lag.stop()
+            self.mesh = self.messaging.mesh = None
             raise
         self.listening = True
         self._discovery_task = asyncio.create_task(

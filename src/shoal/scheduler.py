@@ -853,7 +853,11 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 def _wants_context(name: str, fn: Callable[..., Any]) -> bool:
     """A job function takes no argument, or one: the RunContext."""
     try:
-        params = inspect.signature(fn).parameters.values()
+        # The function itself, not what functools.wraps says it wraps (a decorator may
+        # supply the argument), unless it passes on whatever it gets (*args).
+        params = inspect.signature(fn, follow_wrapped=False).parameters.values()
+        if any(p.kind == p.VAR_POSITIONAL for p in params):
+            params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
     required = [

@@ -59,6 +59,9 @@ CONFIRM_HANDLER = "shoal.singleton.confirm"
 # which must fit in one frame: a longer one ended the singletons' checker on its first
 # broadcast (MessageTooLarge), and with it every singleton and the cron leader.
 MAX_NAME = 200
+# The cron leader's singleton (shoal.jobs), registered when the node starts, after the
+# app's: its room in the state message is kept from the start (`_check_state_fits`).
+SCHEDULER_LEADER = "shoal.scheduler"
 # How often holders re-check quorum freshness and lease deadlines.
 CHECK_INTERVAL = 0.1
 # A singleton task that raised is started again after this pause (no crash loop).
@@ -176,6 +179,7 @@ class Singletons:
         self._settled = False
         self._stopping = False
         self._checker: asyncio.Task[None] | None = None
+        self._too_large = RateLimitedLog(log, streak=False)  # state sent without foreign ballots
         self._revalidating = False
         self._lost_at: dict[str, float] = {}  # peer -> monotonic time it went down
         self._lease: LeaseBackend | None = None
@@ -290,12 +294,13 @@ class Singletons:
         at its largest (every name held, claimed and balloted): that broadcast would fail
         with MessageTooLarge in the checker, and no singleton would run again."""
         longest_node_name = "n" * 320
+        counted = names if SCHEDULER_LEADER in names else [*names, SCHEDULER_LEADER]
         worst = {
-            "held": dict.fromkeys(names, 0.0),
-            "registered": names,
+            "held": dict.fromkeys(counted, 0.0),
+            "registered": counted,
             "draining": False,
-            "claiming": names,
-            "ballots": {n: [2**63 - 1, longest_node_name] for n in names},
+            "claiming": counted,
+            "ballots": {n: [2**63 - 1, longest_node_name] for n in counted},
         }
         try:
             wire.encode_frame([wire.SEND, STATE_HANDLER, worst], self.settings.max_frame_size)
@@ -306,7 +311,23 @@ class Singletons:
             ) from None
 
     def _broadcast(self, peers: list[str] | None = None) -> None:
-        self.node.messaging.send_to_peers(STATE_HANDLER, self._local_state(), peers)
+        state = self._local_state()
+        try:
+            self.node.messaging.send_to_peers(STATE_HANDLER, state, peers)
+        except wire.MessageTooLarge:
+            # The acceptor's ballots also name singletons only other nodes register, which
+            # `_check_state_fits` cannot count. Learning them is an extra (each acceptor
+            # keeps its own promises), so send ours only: that fits, as registration checked.
+            own = {n: b for n, b in state["ballots"].items() if n in self._items}
+            self._too_large.problem(
+                "state",
+                "singleton state too large for one frame (SHOAL_MAX_FRAME_BYTES=%d) with the "
+                "ballots of %d singletons other nodes register: sent without them",
+                self.settings.max_frame_size,
+                len(state["ballots"]) - len(own),
+            )
+            state["ballots"] = own
+            self.node.messaging.send_to_peers(STATE_HANDLER, state, peers)
 
     def _on_peer_state(self, payload: Any, sender: str) -> None:
         if not isinstance(payload, dict) or sender not in self.node.nodes():

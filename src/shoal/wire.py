@@ -91,41 +91,62 @@ def _no_ext(code: int, data: bytes) -> Any:
 _unpackb = functools.partial(
     msgpack.unpackb, raw=False, strict_map_key=False, max_ext_len=0, ext_hook=_no_ext
 )
-# The same, with arrays as tuples: only to read a frame `_unpackb` could not (`_salvage`).
-_unpackb_tuples = functools.partial(_unpackb, use_list=False)
 # The kinds whose last field is the app's payload.
 PAYLOAD_KINDS = frozenset({SEND, CALL, REPLY, PUBLISH})
 
 
 class UnreadablePayload(NamedTuple):
-    """Stands in for a payload that is valid msgpack but no Python value: a map with an
-    array as a key (the sender's dict was keyed by tuples). That message fails, with
-    this reason; its connection, and every other message on it, is unharmed."""
+    """Stands in for a payload that is valid msgpack but no shoal payload: a map with an
+    array as a key (the sender's dict was keyed by tuples), or an extension type (the
+    sender's msgpack.ExtType or Timestamp). That message fails, with this reason; its
+    connection, and every other message on it, is unharmed."""
 
     reason: str
 
 
 _UNREADABLE = UnreadablePayload(
-    "a map in it has an array as a key (a dict keyed by tuples?): "
+    "a map in it has an array (or a map) as a key (a dict keyed by tuples?): "
     "keys must be str, int, float, bool, None or bytes"
+)
+_UNREADABLE_EXT = UnreadablePayload(
+    "it holds a msgpack extension type (a msgpack.ExtType or msgpack.Timestamp?), or bytes "
+    "that are no msgpack value: payloads are None, bool, int, float, str, bytes, list, "
+    "tuple and dict"
 )
 
 
-def _salvage(data: bytes | memoryview) -> list[Any]:
-    """The frame that `_unpackb` refused with a TypeError, its payload replaced by
-    `_UNREADABLE`; FrameError unless everything but the payload is shoal's own fields."""
+def _salvage(data: bytes | memoryview, error: Exception) -> list[Any]:
+    """The frame that `_unpackb` refused with `error`, its payload replaced by an
+    UnreadablePayload; FrameError unless the frame is well-formed msgpack whose fields
+    but the payload are shoal's own (so such values elsewhere still drop the peer).
+
+    The payload is skipped, not decoded again: that costs a few ms at most, where a second
+    decode would double the cost of the worst frame a peer can send."""
+    why = f"undecodable frame: {type(error).__name__}"
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=False,
+        max_ext_len=0,
+        ext_hook=_no_ext,
+        max_buffer_size=max(len(data), 1),
+    )
     try:
-        frame = _unpackb_tuples(data)
-    except Exception as exc:
-        raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
+        unpacker.feed(data)
+        length = unpacker.read_array_header()
+        if length not in (3, 4):  # [kind, ..., payload] of the kinds that carry one
+            raise FrameError(why)
+        fields = [unpacker.unpack() for _ in range(length - 1)]
+        unpacker.skip()  # the payload
+        whole = unpacker.tell() == len(data)
+    except Exception:
+        raise FrameError(why) from None
     if (
-        type(frame) is not tuple
-        or len(frame) < 3
-        or frame[0] not in PAYLOAD_KINDS
-        or not all(type(field) in (int, str, bool) for field in frame[:-1])
+        not whole
+        or fields[0] not in PAYLOAD_KINDS
+        or not all(type(field) in (int, str, bool) for field in fields)
     ):
-        raise FrameError("undecodable frame: TypeError")
-    return [*frame[:-1], _UNREADABLE]
+        raise FrameError(why)
+    return [*fields, _UNREADABLE if isinstance(error, TypeError) else _UNREADABLE_EXT]
 
 
 # Fewer bytes than this hold fewer objects than the GC's first threshold (700
@@ -173,8 +194,8 @@ def unpack(data: bytes | memoryview) -> Any:
     """Decode one msgpack value; any malformation is a FrameError."""
     try:
         return _unpackb(data)
-    except TypeError:
-        return _salvage(data)
+    except (TypeError, ValueError) as exc:  # an unhashable key, an extension type, or junk
+        return _salvage(data, exc)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
 
@@ -220,8 +241,8 @@ class FrameDecoder:
                 # Commonest case: exactly one whole frame (a call, a reply).
                 try:
                     return [_unpackb(data[4:])]
-                except TypeError:
-                    return [_salvage(data[4:])]
+                except (TypeError, ValueError) as exc:
+                    return [_salvage(data[4:], exc)]
                 except Exception as exc:  # msgpack raises several types on bad input
                     raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
         if not buffer and data:
@@ -257,9 +278,10 @@ class FrameDecoder:
                         break
                     try:
                         frames.append(_unpackb(view[offset + 4 : end]))
-                    except TypeError:  # a copy: a view in a FrameError's traceback would
-                        # keep the buffer exported, and clearing it would fail (fuzzed)
-                        frames.append(_salvage(bytes(view[offset + 4 : end])))
+                    except (TypeError, ValueError) as exc:  # a copy: a view in a FrameError's
+                        # traceback would keep the buffer exported, and clearing it would
+                        # fail (fuzzed)
+                        frames.append(_salvage(bytes(view[offset + 4 : end]), exc))
                     except Exception as exc:  # msgpack raises several types on bad input
                         raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
                     offset = end

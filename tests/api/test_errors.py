@@ -217,3 +217,25 @@ async def test_starting_a_stopped_node_is_refused(make_node: NodeFactory) -> Non
     with pytest.raises(RuntimeError, match=r"a Node starts once: make a new Node\(settings\)"):
         await a.start()
     assert a.mesh is None and not a.listening
+
+
+async def test_a_start_that_failed_on_a_taken_port_can_be_retried(
+    make_node: NodeFactory, hosts: Any
+) -> None:
+    from tests.mesh.conftest import Proposals, settings_for
+
+    a = await make_node()
+    # A second node on the same address and port: its start fails (the port is a's).
+    b = Node(settings_for(a.settings.host), Proposals())
+    try:
+        with pytest.raises(OSError):
+            await b.start()
+        assert b.mesh is None and b.messaging.mesh is None and not b.listening
+        await a.stop()
+        # Before, the failed start left its Mesh behind: the retry was refused as "already
+        # started", and the node could never start.
+        await b.start()
+        await b.wait_ready(5)
+        assert b.listening and await b.call(b.name, "shoal.ping", None) == "pong"
+    finally:
+        await b.stop()

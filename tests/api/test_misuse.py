@@ -4,7 +4,9 @@ instead of leaving nothing registered or failing on the first message."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -85,6 +87,25 @@ async def test_a_handler_or_singleton_that_cannot_be_called_is_refused_when_regi
     node.register("twice", lambda payload, _sender: payload * 2)
     assert await node.call(node.name, "echo", 3) == 3
     assert await node.call(node.name, "twice", 3) == 6
+
+    # A decorator that supplies an argument (functools.wraps copies the inner function's
+    # signature as __wrapped__): what is called is the wrapper, so it is what is checked.
+    # Before, the inner signature was checked and the handler refused.
+    def with_db(fn: Any) -> Any:
+        @functools.wraps(fn)
+        async def wrapper(payload: Any, sender: str) -> Any:
+            return await fn(payload, sender, {"db": 1})
+
+        return wrapper
+
+    @with_db
+    async def lookup(payload: Any, _sender: str, db: dict[str, int]) -> Any:
+        return db[payload]
+
+    node.register("lookup", lookup)
+    assert await node.call(node.name, "lookup", "db") == 1
+    with pytest.raises(ValueError, match=r"handler 'bad' must take \(payload, sender\)"):
+        node.register("bad", functools.wraps(greet)(lambda payload: payload))
 
 
 async def test_a_handler_or_topic_name_that_is_not_a_str_fails_at_the_sender(
@@ -213,3 +234,122 @@ def test_run_given_a_function_instead_of_a_coroutine_says_to_call_it() -> None:
         TypeError, match=r"coroutine as main, got <function .*: shoal.run\(main\(\)\)"
     ):
         shoal.run(main)  # type: ignore[call-overload]
+
+
+async def test_topics_whose_subscriptions_were_all_dropped_are_forgotten(
+    make_node: NodeFactory,
+) -> None:
+    node: Node = await make_node()
+
+    async def reply(n: int) -> Any:
+        subscription = node.subscribe(f"reply-{n}")
+        await node.publish(f"reply-{n}", n)
+        async for payload in subscription:  # not closed: no `with`
+            return payload
+
+    # One topic per request, each left with break: before, each left an empty entry in
+    # the node's topics for good.
+    for n in range(400):
+        assert await reply(n) == n
+        await asyncio.sleep(0)  # the loop closes the iterator left with break (aclose)
+    gc.collect()
+    with node.subscribe("held") as held:
+        assert len(node.messaging._topics) < 200
+        await node.publish("held", "kept")
+        assert await asyncio.wait_for(held.get(), 5) == ("kept", node.name)
+
+
+async def test_a_subscription_waited_on_by_a_task_nobody_holds_keeps_receiving(
+    make_node: NodeFactory,
+) -> None:
+    """A listener started as a fire-and-forget task, as many apps start one: while it
+    waits for the next message, the node must hold its subscription (and so its task)."""
+    node: Node = await make_node()
+    received: list[Any] = []
+
+    async def listen() -> None:
+        async for payload in node.subscribe("orders"):
+            received.append(payload)
+
+    # Not held here on purpose (the loop holds tasks only weakly): what the app does.
+    task = weakref.ref(asyncio.ensure_future(listen()))
+    await async_wait_until(lambda: "orders" in node.messaging._topics, timeout=5)
+    for n in range(3):
+        gc.collect()  # before, the waiting task and its subscription were collected here
+        await node.publish("orders", n)
+        await async_wait_until(
+            lambda n=n: len(received) == n + 1, timeout=5, message=f"payload {n} received"
+        )
+    assert received == [0, 1, 2]
+    listener = task()
+    assert listener is not None
+    listener.cancel()
+
+
+async def test_a_state_message_with_other_nodes_ballots_that_outgrows_a_frame_still_goes_out(
+    make_node: NodeFactory,
+) -> None:
+    """Quorum mode: a node's state message carries the ballots its acceptor promised, also
+    for names only other nodes register, which its registration check cannot count."""
+    settings: dict[str, Any] = {
+        "max_frame_size": 64 * 1024,
+        "singleton_mode": "quorum",
+        "expected_nodes": 4,
+    }
+    first = await make_node(**settings)
+    nodes = [first, *[await make_node(peers=[peer_of(first)], **settings) for _ in range(3)]]
+    for node in nodes:
+        await node.wait_for_nodes(3, timeout=10)
+
+    async def hold(_ctx: SingletonContext) -> None:
+        await asyncio.Event().wait()
+
+    def register_all(node: Node, prefix: str) -> list[str]:
+        names: list[str] = []
+        with pytest.raises(ValueError, match=r"too many singletons"):
+            for i in range(1000):
+                names.append(f"{prefix}{i:03d}" + "x" * 196)
+                node.add_singleton(names[-1], hold)
+        return names[:-1]
+
+    # Each node registers as many names as fit its own state, each under other names;
+    # every acceptor promises them all. Before, the state outgrew a frame: each node's
+    # checker ended with MessageTooLarge, and peers stopped learning what it held.
+    names = {node.name: register_all(node, "abcd"[i]) for i, node in enumerate(nodes)}
+
+    def settled() -> bool:
+        for node in nodes:
+            assert node.singletons._checker is not None
+            assert not node.singletons._checker.done(), node.singletons._checker
+        return all(
+            seen.singletons.holders().get(name) == holder
+            for holder in names
+            for seen in nodes
+            for name in names[holder]
+        )
+
+    await async_wait_until(settled, timeout=30, message="all see who holds every singleton")
+
+
+async def test_singletons_registered_before_start_leave_room_for_the_cron_leader(
+    hosts: Any,
+) -> None:
+    from tests.mesh.conftest import Proposals, settings_for
+
+    node = Node(settings_for(hosts(), max_frame_size=64 * 1024), Proposals())
+
+    async def hold(_ctx: SingletonContext) -> None:
+        await asyncio.Event().wait()
+
+    # As many as fit, long names then short ones: the last bytes of the state message.
+    for width in (200, 16):
+        with pytest.raises(ValueError, match=r"too many singletons"):
+            for i in range(1000):
+                node.add_singleton(f"{width}-{i:03d}".ljust(width, "x"), hold)
+    try:
+        # Before, the start failed, naming 'shoal.scheduler', a singleton the app never
+        # registered: the cron leader's, added at start, after the app's.
+        await node.start()
+        assert "shoal.scheduler" in node.singletons.holders()
+    finally:
+        await node.stop()

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+import msgpack
 import pytest
 
 from shoal import (
@@ -492,9 +493,48 @@ async def test_a_dict_keyed_by_tuples_fails_its_message_but_not_the_connection(
         assert await next_of(topic) == ("after", a.name)
     assert got == []
     dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert len(dropped) == 2 and "for 'record'" in dropped[0] and "topic 't'" in dropped[1]
+    # The publish's warning is held back: at most one such warning a second.
+    assert len(dropped) == 1 and "for 'record'" in dropped[0] and "tuples?" in dropped[0]
     assert await a.call(b.name, "record", {1: (1, 2)}) == "ok"  # int keys, tuple values: fine
     assert got == [({1: [1, 2]}, a.name)]
+    assert downs == [] and a.nodes() == [b.name]
+
+
+async def test_unreadable_sends_in_a_loop_do_not_flood_the_receivers_log(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = await mesh_of(make_node, 2)
+    got: list[Any] = []
+    b.register("record", recorder(got), sync_to_thread=False)
+    with caplog.at_level(logging.WARNING, logger="shoal"):
+        for _ in range(200):  # before: one warning each, on every receiver
+            await a.send(b.name, "record", {(1, 2): "x"})
+            await a.publish("t", {(1, 2): "x"})
+        assert await a.call(b.name, "record", "after") == "ok"  # all of them were read
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert 1 <= len(dropped) <= 3, dropped  # at most one a second
+    assert got == [("after", a.name)]
+
+
+async def test_a_msgpack_extension_type_fails_its_message_but_not_the_connection(
+    make_node: NodeFactory,
+) -> None:
+    # The sender packs msgpack.ExtType and Timestamp, the receiver refuses extension types:
+    # before, it dropped the connection as a malformed peer, with every pending call.
+    a, b = await mesh_of(make_node, 2)
+    downs: list[str] = []
+    a.add_listener(lambda event: downs.append(event.node) if event.kind == "down" else None)
+    got: list[Any] = []
+    b.register("record", recorder(got), sync_to_thread=False)
+    b.register("stamp", lambda _p, _s: msgpack.Timestamp(1, 0), sync_to_thread=False)
+    with pytest.raises(RemoteError, match="msgpack extension type") as raised:
+        await a.call(b.name, "record", {"at": msgpack.Timestamp(1, 0)})
+    assert raised.value.type_name == "UnreadablePayload"
+    with pytest.raises(RemoteError, match=f"the reply of 'stamp' from {b.name} could not"):
+        await a.call(b.name, "stamp", None)
+    await a.send(b.name, "record", msgpack.ExtType(5, b"x"))
+    assert await a.call(b.name, "record", "after") == "ok"  # the same connection
+    assert got == [("after", a.name)]
     assert downs == [] and a.nodes() == [b.name]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -401,3 +402,40 @@ async def test_deleted_jobs_leave_nothing_behind(scheduler: Scheduler) -> None:
     release.set()
     assert (await running).status == "ok"
     assert scheduler._inflight == {}
+
+
+async def test_a_job_made_by_a_decorator_is_called_as_its_wrapper_takes_it(
+    scheduler: Scheduler,
+) -> None:
+    # functools.wraps makes inspect.signature report the inner function's parameters.
+    def with_db(fn: Any) -> Any:  # supplies the argument: the wrapper takes none
+        @functools.wraps(fn)
+        async def wrapper() -> Any:
+            return await fn("db")
+
+        return wrapper
+
+    def logged(fn: Any) -> Any:  # passes everything on: the inner function decides
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return await fn(*args, **kwargs)
+
+        return wrapper
+
+    seen: list[str] = []
+
+    @scheduler.job("0 0 1 1 *", name="db")
+    @with_db
+    async def uses_db(db: str) -> None:
+        seen.append(db)
+
+    @scheduler.job("0 0 1 1 *", name="ctx")
+    @logged
+    async def uses_ctx(ctx: RunContext) -> None:
+        seen.append(ctx.job)
+
+    # Before, "db" was called with a RunContext its wrapper does not take: every run
+    # failed with a TypeError.
+    assert (await scheduler.run_now("db")).status == "ok"
+    assert (await scheduler.run_now("ctx")).status == "ok"
+    assert seen == ["db", "ctx"]

@@ -68,6 +68,17 @@ def worst_frames(size: int) -> Iterator[tuple[str, bytes]]:
     yield "empty ext types (refused)", _array(b"\xc7\x00\x01", size)
     yield "timestamps (refused)", _array(b"\xd6\xff\x00\x00\x00\x01", size)
     yield "nesting 2000 deep (refused)", _array(b"\x91" * 1999 + b"\x90", size)
+    # In a message's payload, what a sender's msgpack.ExtType, Timestamp or dict keyed by
+    # tuples packs to makes the message unreadable, not the frame: its payload is skipped
+    # (`wire._salvage`); a tuple key comes after as many objects as fit.
+    send = b"\x93\x02\xa1h"  # [SEND, "h", payload]
+    yield "payload of empty ext types", send + _array(b"\xc7\x00\x01", size - len(send))
+    yield "payload of fixext1s", send + _array(b"\xd4\x01\x00", size - len(send))
+    tuple_key = b"\x81\x91\x00\xc0"  # {[0]: None}
+    items = _array(b"\x80", size - len(send) - len(tuple_key))
+    count = struct.unpack(">I", items[1:5])[0] + 1
+    keyed = send + b"\xdd" + struct.pack(">I", count) + items[5:] + tuple_key
+    yield "payload of empty maps, then an array key", keyed
 
 
 def decode(body: bytes) -> list[Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -130,6 +131,39 @@ def test_a_payload_keyed_by_arrays_is_unreadable_but_its_frame_is_kept() -> None
     assert decoder.feed(one[:3]) == [] and decoder.feed(one[3:]) == expected[:1]  # split
     assert wire.unpack(wire.pack(frames[1])) == expected[1]
     assert "keys must be str, int, float, bool, None or bytes" in wire._UNREADABLE.reason
+
+
+class HashableDict(dict[Any, Any]):
+    def __hash__(self) -> int:  # type: ignore[override]
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (msgpack.ExtType(1, b"x"), wire._UNREADABLE_EXT),
+        (msgpack.ExtType(1, b""), wire._UNREADABLE_EXT),
+        ({"at": [msgpack.Timestamp(1, 0)]}, wire._UNREADABLE_EXT),
+        ({HashableDict(a=1): 1}, wire._UNREADABLE),  # a map as a key
+    ],
+    ids=["ext", "empty ext", "timestamp", "map key"],
+)
+def test_other_payloads_the_sender_packs_but_python_cannot_read_are_unreadable(
+    payload: Any, reason: wire.UnreadablePayload
+) -> None:
+    # The sender's pack accepts these (msgpack's own types, a dict subclass); before, the
+    # receiver took them for a malformed frame and dropped the connection.
+    frames = [[wire.CALL, 7, "h", payload], [wire.PUBLISH, "t", payload]]
+    stream = b"".join(wire.encode_frame(f) for f in frames)
+    expected = [[*f[:-1], reason] for f in frames]
+    assert wire.FrameDecoder(LIMIT).feed(stream) == expected
+    assert wire.FrameDecoder(LIMIT).feed(wire.encode_frame(frames[0])) == expected[:1]
+    assert wire.unpack(wire.pack(frames[1])) == expected[1]
+    # Elsewhere than in a payload, still a malformed frame.
+    with pytest.raises(wire.FrameError):
+        wire.FrameDecoder(LIMIT).feed(wire.encode_frame([wire.CALL, payload, "h", None]))
+    with pytest.raises(wire.FrameError):
+        wire.FrameDecoder(LIMIT).feed(wire.encode_frame([wire.SEND, "h", payload, None]))
 
 
 @pytest.mark.parametrize(
