@@ -17,6 +17,7 @@ from shoal.messaging import (
     RemoteError,
     ReplyTooLarge,
     Subscription,
+    SubscriptionClosed,
     WaitTimeout,
 )
 from shoal.node import Node
@@ -85,6 +86,7 @@ __all__ = [
     "Settings",
     "SingletonContext",
     "Subscription",
+    "SubscriptionClosed",
     "WaitTimeout",
     "run",
 ]

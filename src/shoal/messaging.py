@@ -141,15 +141,22 @@ _REPLY_ERRORS: dict[str | None, type[RemoteError]] = {"busy": Busy, "too_large":
 _ASYNC, _THREAD, _INLINE = "async", "thread", "inline"
 
 
+class SubscriptionClosed(RuntimeError):
+    """`get()` on a subscription that was closed and has nothing left to read."""
+
+
 class Subscription:
     """Messages published on a topic, as an async iterator. Use as a context manager; one
-    the app drops unclosed (an `async for` left with break) is closed when collected."""
+    the app drops unclosed (an `async for` left with break) is closed when collected.
+    Closing it ends every `async for` over it, once they have read what came before."""
 
     def __init__(self, messaging: Messaging, topic: str) -> None:
         self.topic = topic
         self._messaging = messaging
-        self._queue: asyncio.Queue[tuple[Any, str]] = asyncio.Queue(SUBSCRIPTION_QUEUE)
+        # None, last: closed (`close`), so that a task waiting in `get` wakes up.
+        self._queue: asyncio.Queue[tuple[Any, str] | None] = asyncio.Queue(SUBSCRIPTION_QUEUE)
         self.dropped = 0
+        self.closed = False
 
     def deliver(self, payload: Any, sender: str) -> None:
         if self._queue.full():
@@ -162,10 +169,16 @@ class Subscription:
         self._queue.put_nowait((payload, sender))
 
     async def get(self) -> tuple[Any, str]:
-        """The next (payload, sender) published on the topic."""
+        """The next (payload, sender) published on the topic; SubscriptionClosed once it
+        was closed and all that came before was read."""
+        item = self._queue.get_nowait() if not self._queue.empty() else await self._wait()
+        if item is None:
+            self._queue.put_nowait(None)  # for the next reader too
+            raise SubscriptionClosed(f"the subscription to {self.topic!r} is closed")
+        return item
+
+    async def _wait(self) -> tuple[Any, str] | None:
         queue = self._queue
-        if not queue.empty():
-            return queue.get_nowait()
         # While a task waits here, the node holds this subscription strongly: a task that
         # nothing else holds (one the app started and forgot) is otherwise collected with
         # it, and stops receiving. A subscription no one waits on stays weakly held.
@@ -180,14 +193,25 @@ class Subscription:
                 waiting[self] -= 1
 
     def close(self) -> None:
+        """Stop receiving; wakes the tasks waiting on it (their `async for` ends)."""
+        if self.closed:
+            return
+        self.closed = True
         self._messaging._unsubscribe(self)
+        if self._queue.full():  # room for the end mark: the oldest message goes
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(None)
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Any]:
         while True:
-            payload, _ = await self.get()
+            try:
+                payload, _ = await self.get()
+            except SubscriptionClosed:
+                return
             yield payload
 
     def __enter__(self) -> Subscription:

@@ -95,8 +95,9 @@ async def test_a_closed_subscription_gets_nothing_and_leaves_no_topic_behind(
     assert [await next_of(kept) for _ in range(3)] == [(1, a.name), (2, a.name), (3, a.name)]
     assert second_got == (1, a.name)
     assert [await next_of(first) for _ in range(2)] == [(1, a.name), (2, a.name)]
-    for subscription in (first, second, closed):
-        assert subscription._queue.empty(), "a closed subscription was still delivered to"
+    for subscription in (first, second, closed):  # nothing was delivered after the close
+        with pytest.raises(messaging.SubscriptionClosed, match="subscription to 't' is closed"):
+            await asyncio.wait_for(subscription.get(), DEADLINE)
     kept.close()
     closed.close()  # twice is harmless
     assert "t" not in a.messaging._topics  # no subscriber left: no memory held for the topic
@@ -117,6 +118,30 @@ async def test_a_subscription_iterates_payloads_in_order(make_node: NodeFactory)
 
     await asyncio.wait_for(read(), DEADLINE)
     assert got == [0, 1, 2, 3, 4]
+
+
+async def test_closing_a_subscription_ends_the_loops_reading_it(make_node: NodeFactory) -> None:
+    # Before, a task in `async for` over a subscription that another part of the app
+    # closed (a request that ended, a shutdown) waited forever.
+    a, b = await mesh_of(make_node, 2)
+    subscription = b.subscribe("orders")
+    got: list[list[int]] = [[], []]
+
+    async def read(into: list[int]) -> str:
+        async for payload in subscription:
+            into.append(payload)
+        return "ended"
+
+    readers = [asyncio.ensure_future(read(into)) for into in got]
+    await a.publish("orders", 1)
+    await async_wait_until(lambda: sum(map(len, got)) == 1, timeout=DEADLINE, message="read 1")
+    subscription.close()
+    assert await asyncio.wait_for(asyncio.gather(*readers), DEADLINE) == ["ended", "ended"]
+    assert sorted(got[0] + got[1]) == [1]
+    await a.publish("orders", 2)  # after the close: nobody gets it, nothing is kept
+    async for payload in subscription:  # a new loop over it ends at once
+        raise AssertionError(f"got {payload!r} after the close")
+    assert "orders" not in b.messaging._topics
 
 
 async def test_a_slow_subscriber_loses_the_oldest_messages_and_is_warned_once(
