@@ -489,17 +489,23 @@ async def test_a_reply_that_cannot_be_sent_fails_the_call_with_the_reason(
     assert await a.call(b.name, "shoal.ping", None) == "pong"
 
 
+async def recording_pair(make_node: NodeFactory) -> tuple[Node, Node, list[str], list[Any]]:
+    """Two connected nodes: the peers `a` sees go down, and what b's "record" handler got."""
+    a, b = await mesh_of(make_node, 2)
+    downs: list[str] = []
+    a.add_listener(lambda event: downs.append(event.node) if event.kind == "down" else None)
+    got: list[Any] = []
+    b.register("record", recorder(got), sync_to_thread=False)
+    return a, b, downs, got
+
+
 async def test_a_dict_keyed_by_tuples_fails_its_message_but_not_the_connection(
     make_node: NodeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     # msgpack encodes a tuple key as an array, which Python cannot use as a dict key: the
     # receiver's decode fails. Before, it took that for a malformed frame and dropped the
     # connection, so a payload (or reply) knocked its sender off the mesh.
-    a, b = await mesh_of(make_node, 2)
-    downs: list[str] = []
-    a.add_listener(lambda event: downs.append(event.node) if event.kind == "down" else None)
-    got: list[Any] = []
-    b.register("record", recorder(got), sync_to_thread=False)
+    a, b, downs, got = await recording_pair(make_node)
     b.register("tuple_keys", lambda _p, _s: {(1, 2): "x"}, sync_to_thread=False)
     keyed = {"ok": 1, "nested": [{(1, "a"): 2}]}
     with pytest.raises(RemoteError) as raised:
@@ -546,11 +552,7 @@ async def test_a_msgpack_extension_type_fails_its_message_but_not_the_connection
 ) -> None:
     # The sender packs msgpack.ExtType and Timestamp, the receiver refuses extension types:
     # before, it dropped the connection as a malformed peer, with every pending call.
-    a, b = await mesh_of(make_node, 2)
-    downs: list[str] = []
-    a.add_listener(lambda event: downs.append(event.node) if event.kind == "down" else None)
-    got: list[Any] = []
-    b.register("record", recorder(got), sync_to_thread=False)
+    a, b, downs, got = await recording_pair(make_node)
     b.register("stamp", lambda _p, _s: msgpack.Timestamp(1, 0), sync_to_thread=False)
     with pytest.raises(RemoteError, match="msgpack extension type") as raised:
         await a.call(b.name, "record", {"at": msgpack.Timestamp(1, 0)})
