@@ -123,25 +123,23 @@ def _salvage(data: bytes | memoryview, error: Exception) -> list[Any]:
     The payload is skipped, not decoded again: that costs a few ms at most, where a second
     decode would double the cost of the worst frame a peer can send."""
     why = f"undecodable frame: {type(error).__name__}"
-    unpacker = msgpack.Unpacker(
-        raw=False,
-        strict_map_key=False,
-        max_ext_len=0,
-        ext_hook=_no_ext,
-        max_buffer_size=max(len(data), 1),
-    )
+    # Only shoal's own fields are decoded here, and any value in them but an int, str or
+    # bool fails the frame below: `_unpackb`'s options about keys and extensions do not
+    # matter; `raw=False` does (str fields).
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
     try:
         unpacker.feed(data)
         length = unpacker.read_array_header()
-        if length not in (3, 4):  # [kind, ..., payload] of the kinds that carry one
-            raise FrameError(why)
-        fields = [unpacker.unpack() for _ in range(length - 1)]
-        unpacker.skip()  # the payload
+        # [kind, ..., payload] of the kinds that carry one has 3 or 4 elements.
+        fields = [unpacker.unpack() for _ in range(length - 1)] if length in (3, 4) else []
+        if fields:
+            unpacker.skip()  # the payload
         whole = unpacker.tell() == len(data)
     except Exception:
         raise FrameError(why) from None
     if (
-        not whole
+        not fields
+        or not whole
         or fields[0] not in PAYLOAD_KINDS
         or not all(type(field) in (int, str, bool) for field in fields)
     ):

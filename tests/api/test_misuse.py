@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 
 import shoal
-from shoal import InvalidJob, MembershipEvent, Node, NodeDown, Settings, SingletonContext
+from shoal import (
+    InvalidJob,
+    MembershipEvent,
+    Node,
+    NodeDown,
+    Settings,
+    SingletonContext,
+    Subscription,
+)
 from tests.mesh.conftest import COOKIE, NodeFactory, peer_of
 from tests.support.procs import async_wait_until
 
@@ -284,6 +292,35 @@ async def test_a_subscription_waited_on_by_a_task_nobody_holds_keeps_receiving(
     listener = task()
     assert listener is not None
     listener.cancel()
+
+
+async def test_a_subscription_is_held_while_any_task_waits_on_it_and_released_after(
+    make_node: NodeFactory,
+) -> None:
+    """Several forgotten tasks waiting on one subscription: the node holds it until the
+    last of them is done waiting, and not a moment longer (else it holds it for good)."""
+    node: Node = await make_node()
+    received: list[Any] = []
+
+    async def take_one(subscription: Subscription) -> None:
+        received.append((await subscription.get())[0])
+
+    subscription = node.subscribe("orders")
+    released = weakref.ref(subscription)
+    for _ in range(3):
+        asyncio.ensure_future(take_one(subscription))  # noqa: RUF006 (not held, on purpose)
+    del subscription
+    await asyncio.sleep(0)  # they start waiting
+    for n in range(3):
+        gc.collect()  # a task still waiting keeps the subscription, and so itself, alive
+        await node.publish("orders", n)
+        await async_wait_until(
+            lambda n=n: len(received) == n + 1, timeout=5, message=f"payload {n} received"
+        )
+    assert sorted(received) == [0, 1, 2]
+    await asyncio.sleep(0)  # the last task ends
+    gc.collect()
+    assert released() is None, "the subscription is still held after its waiters are done"
 
 
 async def test_a_state_message_with_other_nodes_ballots_that_outgrows_a_frame_still_goes_out(

@@ -162,6 +162,10 @@ async def test_a_slow_subscriber_loses_the_oldest_messages_and_is_warned_once(
     assert warnings == [
         f"subscriber to 't' is slow: {n} messages dropped" for n in (1, 100, 10_000)
     ]
+    # Closing it while full: the oldest message makes room for the end, counted as dropped.
+    slow.close()
+    assert slow.closed is True and slow.dropped == 10_003
+    assert [payload async for payload in slow] == [10_001, 10_002]
 
 
 async def test_wait_for_returns_the_first_match_from_any_node_and_unsubscribes(

@@ -94,9 +94,9 @@ def test_max_frames_leaves_the_rest_buffered(
 ) -> None:
     stream = b"".join(wire.encode_frame(v) for v in values)
     decoder = wire.FrameDecoder(max_size=len(stream) + 1)
-    decoder.append(stream)
-    got: list[Any] = []
-    for _ in range(len(values) + 1):
+    got: list[Any] = decoder.feed(stream, max_frames=max_frames)  # with the bytes, then alone
+    assert len(got) == min(len(values), max_frames)
+    for _ in range(len(values)):
         batch = decoder.feed(max_frames=max_frames)
         assert len(batch) <= max_frames
         got.extend(batch)
@@ -171,6 +171,9 @@ def test_other_payloads_the_sender_packs_but_python_cannot_read_are_unreadable(
     [
         [wire.CALL, {(1,): 2}, "h", None],  # in a field of shoal's, not the payload
         [wire.MEMBERS, [{(1,): 2}]],  # a kind without a payload
+        [99, "h", {(1,): 2}],  # a kind unknown, shaped like a send
+        [wire.CALL, [7], "h", {(1,): 2}],  # a call id that is no int
+        [wire.SEND, 1.5, {(1,): 2}],  # a handler name that is no str
         [{(1,): 2}],
         {"k": {(1,): 2}},
     ],
