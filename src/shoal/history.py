@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shoal.jobmodel import RunResult, _dt_required, _int, _opt_str, _str
-from shoal.scheduler import Job, Scheduler
+from shoal.scheduler import Job, Scheduler, add_hook
 
 __all__ = ["RunHistory", "RunRecord"]
 
@@ -106,7 +106,7 @@ class RunHistory:
         #: called with each record of a run executed here (replication, the store)
         self.on_record: Callable[[RunRecord], None] | None = None
         if scheduler is not None:
-            scheduler.on_job_stop = _then(self._on_stop, scheduler.on_job_stop)
+            scheduler.on_job_stop = add_hook(scheduler.on_job_stop, self._on_stop)
 
     def runs(self, job: str, limit: int | None = None) -> list[RunRecord]:
         """The job's recorded runs, newest first (at most ``limit``)."""
@@ -137,14 +137,3 @@ class RunHistory:
         record = RunRecord.of(result)
         if self.add(record) and self.on_record is not None:
             self.on_record(record)
-
-
-def _then(mine: Callable[..., None], theirs: Callable[..., None] | None) -> Callable[..., None]:
-    if theirs is None:
-        return mine
-
-    def both(*args: Any) -> None:
-        mine(*args)
-        theirs(*args)
-
-    return both

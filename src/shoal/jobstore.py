@@ -29,7 +29,7 @@ from typing import Any
 
 from shoal.history import RunHistory, RunRecord
 from shoal.pg import QUERY_TIMEOUT, LazyPool
-from shoal.scheduler import Job, JobState, RunResult, Scheduler, StateCallback
+from shoal.scheduler import Job, JobState, Scheduler, StateCallback, add_hook
 
 __all__ = ["DurableJobs", "PostgresJobStore"]
 
@@ -198,23 +198,11 @@ class DurableJobs:
         self._replicate: StateCallback | None = scheduler.state_changed
         scheduler.state_changed = self._state_changed
         if history is not None:
-            previous = history.on_record
-
-            def recorded(record: RunRecord) -> None:
-                self._record(record)
-                if previous is not None:
-                    previous(record)
-
-            history.on_record = recorded
+            history.on_record = add_hook(history.on_record, self._record)
         else:
-            previous_stop = scheduler.on_job_stop
-
-            def stopped(job: Job, result: RunResult) -> None:
-                self._record(RunRecord.of(result))
-                if previous_stop is not None:
-                    previous_stop(job, result)
-
-            scheduler.on_job_stop = stopped
+            scheduler.on_job_stop = add_hook(
+                scheduler.on_job_stop, lambda _job, result: self._record(RunRecord.of(result))
+            )
 
     async def load(self) -> int:
         """Adopt the stored states (and, with a history, the recent runs) of the jobs

@@ -17,7 +17,7 @@ Each node gets its own registry, so several nodes in one process do not collide.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
@@ -80,7 +80,7 @@ class MeshStats:
 
 
 class NodeMetrics:
-    """Prometheus metrics of one node, in their own registry."""
+    """Prometheus metrics of one node, in their own registry (several may watch one node)."""
 
     def __init__(self, node: Node) -> None:
         try:
@@ -89,6 +89,9 @@ class NodeMetrics:
             raise ImportError(
                 "NodeMetrics needs prometheus-client: pip install 'shoal[metrics]'"
             ) from None
+        # Here, not at the top: this module loads with every node, the scheduler only
+        # with the first use of jobs (see tests/api/test_import_time.py).
+        from shoal.scheduler import add_hook
 
         self.node = node
         self.registry = CollectorRegistry(auto_describe=True)
@@ -137,12 +140,12 @@ class NodeMetrics:
         )
         reg.register(cast("Collector", _ScrapeTimeCollector(node)))
         node.add_listener(self._on_membership)
-        node.messaging.call_observer = self._calls.observe
+        node.messaging.call_observer = add_hook(node.messaging.call_observer, self._calls.observe)
         scheduler = self._scheduler = node.scheduler
-        scheduler.on_tick_missed = self._on_missed
-        scheduler.on_tick_skipped = self._on_skipped
-        scheduler.on_job_stop = _chain(scheduler.on_job_stop, self._on_job_stop)
-        scheduler.on_job_deleted = self._on_job_deleted
+        scheduler.on_tick_missed = add_hook(scheduler.on_tick_missed, self._on_missed)
+        scheduler.on_tick_skipped = add_hook(scheduler.on_tick_skipped, self._on_skipped)
+        scheduler.on_job_stop = add_hook(scheduler.on_job_stop, self._on_job_stop)
+        scheduler.on_job_deleted = add_hook(scheduler.on_job_deleted, self._on_job_deleted)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
@@ -193,20 +196,6 @@ def _count_ticks(job: Job, first: datetime, last: datetime) -> int:
             break
         count, t = count + 1, nxt
     return count
-
-
-def _chain(
-    first: Callable[[Job, RunResult], None] | None, second: Callable[[Job, RunResult], None]
-) -> Callable[[Job, RunResult], None]:
-    """Keep a hook the application set before metrics were added."""
-    if first is None:
-        return second
-
-    def both(job: Job, result: RunResult) -> None:
-        second(job, result)
-        first(job, result)
-
-    return both
 
 
 class _ScrapeTimeCollector:

@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import fields
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, get_args
 
 import shoal.loop
 from shoal import logs, retries
@@ -97,6 +97,20 @@ StateCallback = Callable[[Job, JobState], Awaitable[None] | None]
 MissedHook = Callable[[Job, datetime, datetime, str], None]
 #: (job, tick, reason): a due tick that is not run ("overlap")
 SkippedHook = Callable[[Job, datetime, str], None]
+Hook = TypeVar("Hook", bound=Callable[..., None])
+
+
+def add_hook(existing: Hook | None, added: Hook) -> Hook:
+    """A hook that calls `added`, then the `existing` one: metrics, a run history or a job
+    store add to a hook the application (or another of them) set, never take it over."""
+    if existing is None:
+        return added
+
+    def both(*args: Any) -> None:
+        added(*args)
+        existing(*args)
+
+    return cast(Hook, both)
 
 
 # -- the engine -----------------------------------------------------------------------------
