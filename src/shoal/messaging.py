@@ -89,8 +89,11 @@ class RemoteError(RuntimeError):
 
 def check_timeout(timeout: float) -> None:
     """Refuse a timeout that cannot bound a wait: a NaN never fires (the call or wait would
-    hang for good), and 0 or less would fail every call before it is sent."""
-    if not (isinstance(timeout, int | float) and timeout > 0):
+    hang for good), 0 or less would fail every call before it is sent, and a bool is a
+    mistake (True would be 1 s). Any real number else (a Fraction, numpy's) is seconds."""
+    import numbers  # here: only a timeout that is no float comes this way
+
+    if isinstance(timeout, bool) or not (isinstance(timeout, numbers.Real) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
 
 

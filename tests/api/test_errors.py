@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import sys
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -177,7 +179,7 @@ def test_metrics_without_the_metrics_extra_name_it(monkeypatch: pytest.MonkeyPat
         NodeMetrics(Node(settings))
 
 
-@pytest.mark.parametrize("timeout", [float("nan"), 0, -1.0])
+@pytest.mark.parametrize("timeout", [float("nan"), 0, -1.0, True, "5"])
 async def test_a_timeout_that_cannot_bound_the_wait_is_refused_at_once(
     make_node: NodeFactory, timeout: float
 ) -> None:
@@ -198,6 +200,17 @@ async def test_a_timeout_that_cannot_bound_the_wait_is_refused_at_once(
         with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds"):
             async with asyncio.timeout(5):
                 await wait()
+
+
+async def test_a_timeout_of_any_real_number_type_is_seconds(make_node: NodeFactory) -> None:
+    a, b = await pair(make_node)
+    for timeout in (5, Fraction(9, 2), Decimal(5)):  # before: a Fraction was refused
+        if isinstance(timeout, Decimal):  # no numbers.Real: floats do not add to it
+            with pytest.raises(ValueError, match=r"positive number of seconds, got Decimal"):
+                await a.call(b.name, "shoal.ping", None, timeout=timeout)
+            continue
+        assert await a.call(b.name, "shoal.ping", None, timeout=timeout) == "pong"
+        assert await a.wait_for_nodes(1, timeout=timeout) == [b.name]
 
 
 async def test_starting_a_started_node_is_refused_and_it_keeps_serving(
