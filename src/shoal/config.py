@@ -25,6 +25,8 @@ SINGLETON_MODES = ("mesh", "quorum", "lease")
 # No duration setting may exceed a day: larger values are typos, and would
 # overflow timers.
 MAX_MS = 24 * 3600 * 1000
+# POLLING_INTERVAL's least value (ms).
+MIN_POLLING_MS = 100
 # SHOAL_NODES_PER_HOST at most: every node of a host may be handshaking with a
 # peer at once, and one address holds at most this many pending handshakes
 # there (shoal.admission.MAX_PENDING_HANDSHAKES_PER_HOST); it also bounds the
@@ -288,7 +290,9 @@ class Settings:
             topology=topology,
             discovery_endpoint=env.get("SERVICE_DISCOVERY_ENDPOINT") or "ecs.local",
             name_query=env.get("NODE_NAME_QUERY") or basename,
-            polling_interval=_ms(env, "POLLING_INTERVAL", 1000),
+            # Its name has no unit: POLLING_INTERVAL=5 meant as seconds would poll DNS or
+            # Cloud Map 200 times a second.
+            polling_interval=_ms(env, "POLLING_INTERVAL", 1000, least=MIN_POLLING_MS),
             dns_server=_host_port("SHOAL_DNS_SERVER", env.get("SHOAL_DNS_SERVER"), 53),
             gossip_addr=env.get("SHOAL_GOSSIP_ADDR") or "233.252.1.32",
             gossip_port=_int(env, "SHOAL_GOSSIP_PORT", 45892),
@@ -657,10 +661,11 @@ def _int(env: Mapping[str, str], var: str, default: int) -> int:
     return value
 
 
-def _ms(env: Mapping[str, str], var: str, default_ms: int) -> float:
+def _ms(env: Mapping[str, str], var: str, default_ms: int, least: int = 1) -> float:
     value = _int(env, var, default_ms)
-    if not 0 < value <= MAX_MS:
+    if not least <= value <= MAX_MS:
         raise ConfigError(
-            f"{var}={value}: expected a positive number of milliseconds, at most {MAX_MS}."
+            f"{var}={value}: expected a number of milliseconds from {least} to {MAX_MS}"
+            + (f" ({value} s is {value * 1000})." if 0 < value < least else ".")
         )
     return value / 1000.0

@@ -235,6 +235,25 @@ def test_a_longest_request_beyond_fargates_stop_timeout_is_refused() -> None:
         TimeoutChain(longest_request_s=110)
 
 
+def test_a_polling_interval_the_nodes_would_refuse_is_refused_at_synth() -> None:
+    import aws_cdk as cdk
+
+    load_cdk_app()
+    from shoal_cdk import ShoalFargateService
+
+    with pytest.raises(ValueError, match="polling_interval must be at least 100 ms"):
+        ShoalFargateService(  # refused before any of its parts is used
+            cdk.Stack(cdk.App(), "Polling"),
+            "Svc",
+            cluster=None,
+            image=None,
+            namespace=None,
+            discovery_name="svc",
+            node_name="svc",
+            polling_interval=cdk.Duration.millis(50),
+        )
+
+
 @pytest.mark.parametrize("longest", [1, 30, 60, 99])
 def test_timeout_chain_orders_every_timeout(longest: int) -> None:
     """keep-alive > ALB idle > longest request; in-flight requests finish within the

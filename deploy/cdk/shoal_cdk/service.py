@@ -28,6 +28,7 @@ HTTP_PORT = 4000
 MESH_PORT = 4370
 CONTAINER_NAME = "app"
 POLLING_INTERVAL = Duration.seconds(1)
+MIN_POLLING_MS = 100  # shoal.config.MIN_POLLING_MS: nodes refuse less
 # Fargate sends SIGKILL at most 120 s after SIGTERM.
 FARGATE_MAX_STOP_TIMEOUT_S = 120
 
@@ -131,6 +132,11 @@ class ShoalFargateService(Construct):
         allow_all_outbound: bool = False,
         vpc_subnets: ec2.SubnetSelection | None = None,
     ) -> None:
+        if polling_interval.to_milliseconds() < MIN_POLLING_MS:
+            raise ValueError(
+                f"polling_interval must be at least {MIN_POLLING_MS} ms "
+                "(nodes refuse a shorter POLLING_INTERVAL)"
+            )
         super().__init__(scope, construct_id)
         self.timeouts = timeouts = timeouts or TimeoutChain()
         self.http_port = http_port
