@@ -20,7 +20,9 @@ from shoal import (
     Settings,
     SingletonContext,
     Subscription,
+    wire,
 )
+from shoal.singleton import SCHEDULER_LEADER, STATE_HANDLER
 from tests.mesh.conftest import COOKIE, NodeFactory, peer_of
 from tests.support.procs import async_wait_until
 
@@ -160,12 +162,43 @@ async def test_singletons_too_many_for_one_state_message_are_refused_and_the_res
             a.add_singleton(name, hold, mode="mesh")
             names.append(name)
     assert 20 <= len(names) < 1000 and name not in a.singletons.holders()
+    with pytest.raises(ValueError, match=r"too many singletons"):  # short ones fill the rest
+        for i in range(1000):
+            a.add_singleton(f"s{i}", hold, mode="mesh")
+            names.append(f"s{i}")
     # The state still goes out: b learns every one of them, held by a.
     await async_wait_until(
         lambda: all(b.singletons.holders().get(n) == a.name for n in names),
         timeout=10,
         message=f"b sees a holding all {len(names)} singletons",
     )
+    # What the check counted on is the real state message at its largest: each name
+    # (the cron leader's too: a started node registered it) held, claimed and promised
+    # the largest ballot.
+    await a.stop()  # its state is forged below, not to be acted on
+    singletons = a.singletons
+    assert SCHEDULER_LEADER in singletons._items
+    longest = "n" * 300 + "@" + "h" * 19  # the longest node name a peer may have
+    for n, item in singletons._items.items():
+        item.holding, item.claiming, item.claimed_at = True, True, 1e9
+        singletons.acceptor.promised[n] = (2**64 - 1, longest)
+    frame = [wire.SEND, STATE_HANDLER, singletons._local_state()]
+    assert len(wire.encode_frame(frame)) <= 64 * 1024 + 4  # the frame limit and its header
+
+
+async def test_singletons_up_to_the_limit_before_start_leave_room_for_the_cron_leader() -> None:
+    node = Node(Settings(cookie=COOKIE, host="127.0.0.1", topology="static", max_frame_size=65536))
+
+    async def hold(_ctx: SingletonContext) -> None:
+        await asyncio.Event().wait()
+
+    for length in (200, 3):  # long names, then short ones to fill what is left
+        with pytest.raises(ValueError, match=r"too many singletons"):
+            for i in range(1000):
+                node.add_singleton(f"{i:03d}".ljust(length, "x"), hold, mode="mesh")
+    # The cron leader's singleton, registered with the jobs (here, or when the node starts).
+    assert node.jobs.leader is None and SCHEDULER_LEADER in node.singletons._items
+    await node.stop()
 
 
 async def test_connect_says_what_is_wrong_with_its_target_or_the_node(
