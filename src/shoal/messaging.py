@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import functools
 import heapq
 import inspect
 import itertools
@@ -237,10 +236,6 @@ class Messaging:
         self.node_name = settings.name
         self.mesh: Mesh | None = None
         self._max_frame = settings.max_frame_size
-        # A frame's bytes, checked against the frame limit (MessageTooLarge).
-        self._encode: Callable[[list[Any]], bytes] = functools.partial(
-            wire.encode_frame, max_size=settings.max_frame_size
-        )
         self._max_inflight = settings.max_inflight_per_peer
         self._threads = settings.handler_threads
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -309,6 +304,13 @@ class Messaging:
             self._loop = None  # a node started again may run on another loop
 
     # sending ---------------------------------------------------------------
+    def _encode(self, frame: list[Any]) -> bytes:
+        """A frame's bytes, checked against the frame limit (MessageTooLarge).
+
+        A method, not a functools.partial with a keyword: that costs ~0.4 us more per
+        message (a dict built per call, and the call's slow path)."""
+        return wire.encode_frame(frame, self._max_frame)
+
     async def send(self, node: str, handler: str, payload: Any) -> None:
         """Deliver `payload` to `handler` on `node`, without waiting for a reply."""
         if type(handler) is not str:  # (the checks' common case costs no call)

@@ -151,6 +151,7 @@ async def test_a_slow_subscriber_loses_the_oldest_messages_and_is_warned_once(
     (a,) = await mesh_of(make_node, 1)
     monkeypatch.setattr(messaging, "SUBSCRIPTION_QUEUE", 3)
     slow = a.subscribe("t")
+    assert slow.closed is False and slow.dropped == 0
     for n in range(5):
         await a.publish("t", n)
     assert slow.dropped == 2
