@@ -9,6 +9,9 @@ For 64-byte payloads it measures, in one run, side by side:
   counted by a sync handler on the other node, timed until the receiver has
   all of them; baseline: pyzmq PUSH/PULL over TCP carrying the same
   msgpack-encoded messages (decoded and counted by the receiver);
+* the Python floor of one-way: a minimal `async def send` in plain Python (msgpack
+  and a 64 KiB buffer on a raw transport, no shoal, no checks, no encryption), the
+  least any Python sender costs; printed as a ratio to BEAM;
 * call round trip p50/p99: sequential `await node.call(peer, "echo", payload)`;
   baseline: a raw asyncio TCP echo of the same payload behind a 4-byte length;
 * the `hi` app's start-to-ready time and idle RSS (`.venv/bin/hi`, polled on
@@ -268,6 +271,78 @@ async def echo_client(port: int, calls: int) -> None:
     writer.close()
 
 
+# --- the floor of a Python sender -----------------------------------------------
+# What any `await send()` written in Python costs at least, with no shoal in it: a
+# coroutine per message that msgpack-encodes [SEND, handler, payload] and buffers it,
+# written 64 KiB at a time on a raw transport; no length prefix, no checks, no
+# encryption. The receiver decodes the stream with one msgpack.Unpacker and counts.
+# shoal's one-way figure cannot exceed it without taking that path out of Python.
+
+
+class FloorSink(asyncio.Protocol):
+    def __init__(self, messages: int, done: asyncio.Future[None]) -> None:
+        self.unpacker = msgpack.Unpacker()
+        self.count, self.expected, self.done = 0, messages, done
+
+    def data_received(self, data: bytes) -> None:
+        self.unpacker.feed(data)
+        for frame in self.unpacker:
+            if frame[0] == 2 and type(frame[1]) is str:
+                self.count += 1
+        if self.count >= self.expected and not self.done.done():
+            self.done.set_result(None)
+
+
+async def floor_server(port: int, messages: int) -> None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    server = await loop.create_server(lambda: FloorSink(messages, done), SERVER_HOST, port)
+    report({"ready": True})
+    await done
+    report({"finished": time.perf_counter()})  # CLOCK_MONOTONIC: one clock for all processes
+    server.close()
+
+
+async def floor_client(port: int, messages: int) -> None:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_connection(asyncio.Protocol, SERVER_HOST, port)
+    out: list[bytes] = []
+    size = 0
+    packb = msgpack.packb
+
+    async def send(node: str, handler: str, payload: Any) -> None:
+        nonlocal size
+        data = packb([2, handler, payload])
+        out.append(data)
+        size += len(data)
+        if size >= 65536:
+            transport.write(b"".join(out))
+            out.clear()
+            size = 0
+            await asyncio.sleep(0)  # lets the transport write and the peer keep up
+
+    report({"started": time.perf_counter()})
+    for _ in range(messages):
+        await send("bench", "sink", PAYLOAD)
+    transport.write(b"".join(out))
+    await asyncio.sleep(3600)  # ended by the orchestrator once the server has all
+
+
+def measure_floor(messages: int) -> dict[str, Any]:
+    port = free_port(SERVER_HOST)
+    server = Child("floor-server", port, messages)
+    client: Child | None = None
+    try:
+        server.result(30)
+        client = Child("floor-client", port, messages)
+        started = client.result()["started"]
+        return {"oneway_per_s": messages / (server.result()["finished"] - started)}
+    finally:
+        if client is not None:
+            client.stop()
+        server.stop()
+
+
 # --- orchestration -----------------------------------------------------------------
 
 
@@ -498,6 +573,8 @@ def main() -> None:
             "zmq-client": lambda: zmq_client(*values),
             "echo-server": lambda: shoal_loop.run(echo_server(*values)),
             "echo-client": lambda: shoal_loop.run(echo_client(*values)),
+            "floor-server": lambda: shoal_loop.run(floor_server(*values)),
+            "floor-client": lambda: shoal_loop.run(floor_client(*values)),
         }
         profile = os.environ.get("SHOAL_BENCH_PROFILE")  # a directory: cProfile each role
         if profile:
@@ -531,11 +608,13 @@ def main() -> None:
         zmq = run_pair(["zmq-server", port, back, n], ["zmq-client", port, back, n])
         port = free_port(SERVER_HOST)
         echo = run_pair(["echo-server", port], ["echo-client", port, calls])
+        echo.update(floor_oneway_per_s=measure_floor(n)["oneway_per_s"])
         line = (
             f"  round {r + 1}: shoal {shoal['oneway_per_s']:,.0f}/s, p50 {shoal['p50_us']:.0f} us"
             f", p99 {shoal['p99_us']:.0f} us | unencrypted {plain['oneway_per_s']:,.0f}/s, "
             f"p50 {plain['p50_us']:.0f} us | pyzmq {zmq['oneway_per_s']:,.0f}/s | echo p50 "
-            f"{echo['p50_us']:.0f} us, p99 {echo['p99_us']:.0f} us"
+            f"{echo['p50_us']:.0f} us, p99 {echo['p99_us']:.0f} us | Python floor "
+            f"{echo['floor_oneway_per_s']:,.0f}/s"
         )
         if beam_error is None:
             beam = measure_beam(args.beam_anchor, n, calls)
@@ -640,6 +719,14 @@ def main() -> None:
                 f"{beam_oneway:.2f}x",
                 ">= 2.0x",
                 beam_oneway >= 2.0,
+            ),
+            (
+                "one-way, Python floor vs BEAM",
+                f"{echo['floor_oneway_per_s']:,.0f}",
+                f"{beam['oneway_per_s']:,.0f} (BEAM)",
+                f"{echo['floor_oneway_per_s'] / beam['oneway_per_s']:.2f}x",
+                "-",
+                None,
             ),
             (
                 "call p50 vs BEAM",
