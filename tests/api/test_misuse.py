@@ -156,12 +156,13 @@ async def test_singletons_too_many_for_one_state_message_are_refused_and_the_res
     names: list[str] = []
     with pytest.raises(
         ValueError, match=r"too many singletons: .* \(SHOAL_MAX_FRAME_BYTES=65536\)"
-    ):
+    ) as refused:
         for i in range(1000):
             name = f"{i:03d}" + "x" * 197
             a.add_singleton(name, hold, mode="mesh")
             names.append(name)
     assert 20 <= len(names) < 1000 and name not in a.singletons.holders()
+    assert f"with {name!r}, their " in str(refused.value)  # the name refused
     with pytest.raises(ValueError, match=r"too many singletons"):  # short ones fill the rest
         for i in range(1000):
             a.add_singleton(f"s{i}", hold, mode="mesh")
