@@ -94,3 +94,58 @@ def test_a_loop_that_cannot_be_made_leaves_no_coroutine_never_awaited(
             shoal.run(main())
         gc.collect()
     assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+
+
+class FakeClock:
+    """`shoal.loop`'s clock, moved by hand: the busy-poll window without timing."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+async def loop_iterations(count: int = 5) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("choice", ["uvloop", "asyncio"])
+def test_busy_poll_polls_until_the_window_after_the_last_poke_has_passed(
+    monkeypatch: pytest.MonkeyPatch, choice: str
+) -> None:
+    monkeypatch.setenv("SHOAL_EVENT_LOOP", choice)
+    clock = FakeClock()
+    monkeypatch.setattr(shoal_loop, "time", clock)
+
+    async def scenario() -> list[bool]:
+        busy = shoal_loop.BusyPoll(0.001)
+        seen = [busy.polling]
+        busy.poke()
+        await loop_iterations()
+        seen.append(busy.polling)  # within the window
+        clock.now += 0.0008
+        busy.poke()  # moves the window's end
+        clock.now += 0.0008
+        await loop_iterations()
+        seen.append(busy.polling)  # 1.6 ms after the first poke, 0.8 after the last
+        clock.now += 0.0003
+        await loop_iterations()
+        seen.append(busy.polling)  # the window has passed: the loop may sleep
+        busy.poke()
+        await loop_iterations()
+        seen.append(busy.polling)  # and a poke starts it again
+        return seen
+
+    assert shoal_loop.run(scenario()) == [False, True, True, False, True]
+
+
+def test_a_busy_poll_window_of_zero_never_polls() -> None:
+    async def scenario() -> bool:
+        busy = shoal_loop.BusyPoll(0.0)
+        busy.poke()
+        await loop_iterations()
+        return busy.polling
+
+    assert shoal_loop.run(scenario()) is False

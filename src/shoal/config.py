@@ -27,6 +27,8 @@ SINGLETON_MODES = ("mesh", "quorum", "lease")
 MAX_MS = 24 * 3600 * 1000
 # POLLING_INTERVAL's least value (ms).
 MIN_POLLING_MS = 100
+# SHOAL_BUSY_POLL_US at most: a longer window mostly burns CPU.
+MAX_BUSY_POLL_US = 10_000
 # SHOAL_NODES_PER_HOST at most: every node of a host may be handshaking with a
 # peer at once, and one address holds at most this many pending handshakes
 # there (shoal.admission.MAX_PENDING_HANDSHAKES_PER_HOST); it also bounds the
@@ -123,6 +125,10 @@ class Settings:
     max_inflight_per_peer: int = 256
     # Worker threads for sync handlers (shared by all peers).
     handler_threads: int = 16
+    # After mesh traffic the event loop polls instead of sleeping for this long, so that
+    # a reply or the next request is handled without waking the process (`BusyPoll`).
+    # 0 turns it off: each round trip then takes two wake-ups longer, and no CPU spins.
+    busy_poll: float = 0.00005
     # How long a graceful stop waits for singletons and jobs to finish.
     drain_timeout: float = 10.0
     tls: TLSFiles | None = None
@@ -229,6 +235,11 @@ class Settings:
             raise ConfigError(
                 "SHOAL_MAX_INFLIGHT_PER_PEER and SHOAL_HANDLER_THREADS must be at least 1."
             )
+        if not 0 <= self.busy_poll <= MAX_BUSY_POLL_US / 1e6:  # NaN fails too
+            raise ConfigError(
+                f"SHOAL_BUSY_POLL_US={self.busy_poll * 1e6:g} (Settings(busy_poll="
+                f"{self.busy_poll!r}), in seconds): expected 0 (off) to {MAX_BUSY_POLL_US} µs."
+            )
         if self.expected_nodes is not None and self.expected_nodes < 1:
             raise ConfigError("SHOAL_EXPECTED_NODES must be at least 1.")
         _check_node_host("NODE_HOST", self.host)
@@ -309,6 +320,7 @@ class Settings:
             max_send_buffer=_int(env, "SHOAL_MAX_SEND_BUFFER_BYTES", 16 * 1024 * 1024),
             max_inflight_per_peer=_int(env, "SHOAL_MAX_INFLIGHT_PER_PEER", 256),
             handler_threads=_int(env, "SHOAL_HANDLER_THREADS", 16),
+            busy_poll=_int(env, "SHOAL_BUSY_POLL_US", 50) / 1e6,
             tls=tls,
             singleton_mode=(env.get("SHOAL_SINGLETON_MODE") or "mesh").strip().lower(),
             expected_nodes=_parse_int("SHOAL_EXPECTED_NODES", expected) if expected else None,

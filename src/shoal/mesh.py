@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, cast
 
 from shoal import admission, crypto, wire
 from shoal.config import ConfigError, Peer, Settings, join_host_port, split_node_name
+from shoal.loop import BusyPoll
 from shoal.metrics import MeshStats
 
 log = logging.getLogger("shoal.mesh")
@@ -163,6 +164,7 @@ class Connection(asyncio.Protocol):
         self._direct = True
         self._receiving = False  # dispatching received frames: hold replies for one write
         self._stats = mesh.stats
+        self._poke = mesh.busy_poll.poke
         self._max_send_buffer = mesh.settings.max_send_buffer
         self._writable = asyncio.Event()
         self._writable.set()
@@ -193,6 +195,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
+        self._poke()
         size = len(data)
         self._stats.bytes_received += size
         if not self.established:
@@ -321,6 +324,7 @@ class Connection(asyncio.Protocol):
         else:
             transport.writelines(sealer.seal(data))
         self.last_sent = time.monotonic()
+        self._poke()  # a reply may come soon
         if self.established and transport.get_write_buffer_size() > self._max_send_buffer:
             # A peer this far behind is not reading: our memory is not its queue.
             self.drop(
@@ -441,6 +445,7 @@ class Mesh:
         self._stopping = False
         self._server_ssl, self._client_ssl = _tls_contexts(settings)
         self.stats = MeshStats()  # read by shoal.metrics at scrape time
+        self.busy_poll = BusyPoll(settings.busy_poll)
         # TLS already encrypts; otherwise AES-GCM records, unless turned off (benchmarks).
         self._encrypt = settings.tls is None and settings.mesh_encryption
 
