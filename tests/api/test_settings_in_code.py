@@ -54,6 +54,8 @@ def test_the_host_is_detected_as_from_env_detects_it() -> None:
         ({"gossip_interval": 0.0}, r"gossip_interval=0.0"),
         ({"lease_ttl": -5.0}, r"lease_ttl=-5.0.*SHOAL_LEASE_TTL_MS"),
         ({"connect_timeout": float("nan")}, r"connect_timeout=nan"),
+        ({"busy_poll": float("nan")}, r"SHOAL_BUSY_POLL_US=nan \(Settings\(busy_poll=nan\)"),
+        ({"busy_poll": 1.0}, r"busy_poll=1.0.*expected 0 \(off\) to 10000 µs"),
         # Polled in vain, every round, while the node ran alone and said only so in its log.
         ({"discovery_endpoint": "http://hi.local"}, r"SERVICE_DISCOVERY_ENDPOINT='http://hi"),
         ({"discovery_endpoint": ""}, r"SERVICE_DISCOVERY_ENDPOINT is empty"),

@@ -32,6 +32,8 @@ CASES: list[tuple[str, dict[str, str]]] = [
     ("SHOAL_LEASE_DSN", {"SHOAL_SINGLETON_MODE": "lease", "SHOAL_LEASE_DSN": "garbage"}),
     ("POLLING_INTERVAL", {"POLLING_INTERVAL": "99999999999999999"}),
     ("POLLING_INTERVAL", {"POLLING_INTERVAL": "5"}),  # meant as seconds: 5 ms
+    ("SHOAL_BUSY_POLL_US", {"SHOAL_BUSY_POLL_US": "-1"}),
+    ("SHOAL_BUSY_POLL_US", {"SHOAL_BUSY_POLL_US": "50000"}),  # polls 50 ms after each read
     ("NODE_HOST", {"NODE_HOST": "0.0.0.0"}),
     ("NODE_HOST", {"NODE_HOST": "::"}),
     ("NODE_HOST", {"NODE_HOST": "255.255.255.255"}),
