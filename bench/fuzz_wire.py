@@ -7,7 +7,8 @@ Each input is split into chunks (sizes taken from its first bytes) and fed to a
 `FrameDecoder`, first with the handshake limit, then with a larger one; every
 decoded frame goes through every handshake parser. The only exceptions allowed
 are `FrameError` and `HandshakeError`; the decoder's buffer must never exceed
-one frame (limit + 4-byte header). The same chunks also go to a record
+one frame (limit + 4-byte header); a read that the streaming decoder takes must
+decode to the same frames as frame by frame. The same chunks also go to a record
 `Opener` (the encrypted layer after the handshake), which may only raise
 `AuthenticationError` and buffer at most one record; a valid record, sealed
 by the matching key, is seeded so the fuzzer also mutates real ciphertext.
@@ -86,6 +87,7 @@ def decode(data: bytes, limit: int) -> None:
     except wire.FrameError:
         if decoder.pending:
             raise AssertionError("a failed decoder kept its buffer") from None
+    stream_like_frame_by_frame(rest, limit)
     opener = crypto.Opener(RECORD_KEY)
     try:
         for chunk in chunks:
@@ -95,6 +97,20 @@ def decode(data: bytes, limit: int) -> None:
     except crypto.AuthenticationError:
         if opener.pending:
             raise AssertionError("a failed opener kept its buffer") from None
+
+
+def stream_like_frame_by_frame(read: bytes, limit: int) -> None:
+    """A read the streaming decoder accepts decodes to the same frames frame by frame."""
+    decoder = wire.FrameDecoder(limit)
+    streamed = decoder._stream(read)
+    if streamed is None:
+        return
+    try:
+        frame_by_frame = decoder._decode(read, None)
+    except wire.FrameError as exc:
+        raise AssertionError(f"streamed {streamed}, frame by frame {exc}") from None
+    if repr(streamed) != repr(frame_by_frame):
+        raise AssertionError(f"streamed {streamed}, frame by frame {frame_by_frame}")
 
 
 def test_one_input(data: bytes) -> None:
@@ -119,6 +135,9 @@ def seed_corpus() -> str:
             f.write(b"\x00" + wire.encode_frame(message))  # no chunk sizes, one chunk
     with open(os.path.join(directory, "seed-all"), "wb") as f:
         f.write(b"\x00" + b"".join(wire.encode_frame(m) for m in messages))
+    with open(os.path.join(directory, "seed-many"), "wb") as f:  # a read that is streamed
+        many = b"".join(wire.encode_frame(m) for m in messages)
+        f.write(b"\x00" + many * (wire.STREAM_FROM // len(many) + 1))
     with open(os.path.join(directory, "seed-records"), "wb") as f:
         sealer = crypto.Sealer(RECORD_KEY)
         records = sealer.seal(wire.encode_frame(messages[-1])) + sealer.seal(b"x" * 100)

@@ -275,9 +275,6 @@ class Connection(asyncio.Protocol):
         self.send_encoded(wire.encode_frame(frame))
 
     def send_encoded(self, data: bytes) -> None:
-        stats = self._stats
-        stats.frames_sent += 1
-        stats.bytes_sent += len(data)
         if self._direct and not self._receiving and not self._out:
             # A lone frame (a call, a reply sent from a task) goes out at once,
             # with nothing scheduled: the next read or `_flush` allows the next one.
@@ -307,15 +304,18 @@ class Connection(asyncio.Protocol):
     def _write_out(self) -> None:
         out = self._out
         if out:
-            self._write(b"".join(out) if len(out) > 1 else out[0])
+            self._write(b"".join(out) if len(out) > 1 else out[0], len(out))
         out.clear()
         self._out_size = 0
 
-    def _write(self, data: bytes) -> None:
-        """Hand bytes to the transport, sealed into records when encryption is on."""
+    def _write(self, data: bytes, frames: int = 1) -> None:
+        """Hand `frames` frames to the transport, sealed into records when encryption is on."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        stats = self._stats  # counted here, once a batch rather than once a frame
+        stats.frames_sent += frames
+        stats.bytes_sent += len(data)
         sealer = self._sealer
         if sealer is None:
             transport.write(data)

@@ -192,6 +192,15 @@ def test_arrays_as_keys_outside_a_payload_are_a_frame_error(frame: Any) -> None:
     assert decoder.pending == 0
 
 
+@pytest.mark.parametrize("kind", [b"\x91\x01", b"\x81\xa1k\x01"], ids=["list", "dict"])
+def test_an_unhashable_kind_beside_an_unreadable_payload_is_a_frame_error(kind: bytes) -> None:
+    # [kind, "h", a str that is not UTF-8]: the payload is salvaged only if the kind is
+    # shoal's; a list or dict there raised TypeError out of the decoder (hypothesis).
+    body = b"\x93" + kind + b"\xa1h" + b"\xa2\x80\x80"
+    with pytest.raises(wire.FrameError, match=r"^undecodable frame: UnicodeDecodeError$"):
+        wire.FrameDecoder(LIMIT).feed(wire.HEADER.pack(len(body)) + body)
+
+
 def test_trailing_bytes_inside_a_frame_are_a_frame_error() -> None:
     body = wire.pack(1) + wire.pack(2)
     with pytest.raises(wire.FrameError):
@@ -213,3 +222,97 @@ def test_declared_container_larger_than_frame_is_a_frame_error() -> None:
 def test_non_msgpack_payload_fails_at_the_sender_with_type_error() -> None:
     with pytest.raises(TypeError, match="msgpack types"):
         wire.encode_frame({"when": object()})
+
+
+# --- reads of many frames: one streaming Unpacker (`FrameDecoder._stream`) ---------------
+
+FILLER = wire.encode_frame([wire.SEND, "filler", b"x" * 100])
+
+
+def long_read(*frames: bytes) -> bytes:
+    """A read long enough to be streamed: filler frames, then `frames`."""
+    return FILLER * (wire.STREAM_FROM // len(FILLER) + 1) + b"".join(frames)
+
+
+def decoded(data: bytes) -> tuple[list[Any], int] | str:
+    """What a fresh decoder makes of one read: (frames, bytes kept) or the error."""
+    decoder = wire.FrameDecoder(LIMIT)
+    try:
+        return decoder.feed(data), decoder.pending
+    except wire.FrameError as exc:
+        return f"FrameError: {exc}"
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        wire.encode_frame([wire.SEND, "h", {(1, 2): "x"}]),  # a payload to salvage
+        wire.encode_frame([wire.CALL, {(1,): 2}, "h", None]),  # arrays as keys elsewhere
+        wire.HEADER.pack(2) + wire.pack(1) + wire.pack(2),  # trailing bytes, last frame
+        wire.HEADER.pack(2) + wire.pack(1) + wire.pack(2) + FILLER,  # ... and a frame after
+        wire.HEADER.pack(5) + b"\xdd\xff\xff\xff\xff",  # a container larger than its frame
+        wire.HEADER.pack(3) + b"\x93\x01\x02" + FILLER,  # a body shorter than its content
+        # ... whose content runs into the next header, read from there as 915 bytes long
+        wire.HEADER.pack(2) + b"\x92\x01" + wire.HEADER.pack(3) + b"\x93\x01\x02",
+        wire.HEADER.pack(1) + b"\xc1",  # not msgpack
+        wire.HEADER.pack(LIMIT + 1) + b"\x00" * 10,  # over the limit
+        wire.encode_frame(wire.MEMBERS)[:7],  # an incomplete frame, kept for the next read
+        FILLER[:3],  # an incomplete header
+        wire.encode_frame(msgpack.ExtType(1, b"x")),  # an extension type, not a payload
+    ],
+    ids=[
+        "salvage",
+        "array key",
+        "trailing byte",
+        "trailing byte, then a frame",
+        "container too large",
+        "body too short",
+        "body too short, then a frame",
+        "junk",
+        "over the limit",
+        "incomplete frame",
+        "incomplete header",
+        "extension",
+    ],
+)
+def test_a_long_read_is_decoded_as_frame_by_frame_whatever_it_holds(
+    monkeypatch: pytest.MonkeyPatch, tail: bytes
+) -> None:
+    data = long_read(tail)
+    streamed = decoded(data)
+    monkeypatch.setattr(wire, "STREAM_FROM", 2**62)  # frame by frame only
+    assert streamed == decoded(data)
+
+
+def test_a_clean_long_read_is_streamed_not_decoded_frame_by_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_frame_by_frame(_data: Any) -> Any:
+        raise AssertionError("decoded frame by frame")
+
+    monkeypatch.setattr(wire, "_unpackb", no_frame_by_frame)
+    data = long_read(wire.encode_frame([wire.CALL, 7, "h", {"a": [1, 2.5, None]}]))
+    frames = wire.FrameDecoder(LIMIT).feed(data)
+    assert frames[-1] == [wire.CALL, 7, "h", {"a": [1, 2.5, None]}]
+    assert len(frames) == wire.STREAM_FROM // len(FILLER) + 2
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
+@given(st.lists(msgpack_values, min_size=1, max_size=12), st.data())
+def test_streaming_never_decodes_a_read_otherwise_than_frame_by_frame(
+    values: list[Any], data: st.DataObject
+) -> None:
+    stream = bytearray(b"".join(wire.encode_frame(v) for v in values))
+    for _ in range(data.draw(st.integers(0, 3), label="changed bytes")):
+        at = data.draw(st.integers(0, len(stream) - 1))
+        stream[at] = data.draw(st.integers(0, 255))
+    read = bytes(stream[: data.draw(st.integers(1, len(stream)), label="length")])
+    decoder = wire.FrameDecoder(LIMIT)
+    streamed = decoder._stream(read)  # None: it leaves the read to `_decode`
+    try:
+        frame_by_frame: Any = decoder._decode(read, None)
+    except wire.FrameError:
+        frame_by_frame = None
+    if streamed is not None:
+        assert frame_by_frame is not None
+        assert msgpack.packb(streamed) == msgpack.packb(frame_by_frame)
