@@ -195,7 +195,6 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
-        self._poke()
         size = len(data)
         self._stats.bytes_received += size
         if not self.established:
@@ -238,11 +237,13 @@ class Connection(asyncio.Protocol):
         self._stats.frames_received += len(frames)
         mesh = self.mesh
         on_message = mesh._on_frame
+        messages = False
         for frame in frames:
             try:
                 # Messages go straight to messaging (`Mesh.dispatch` routes the rest).
                 if type(frame) is list and frame and type(frame[0]) is int:
                     if frame[0] in wire.PAYLOAD_KINDS:
+                        messages = True
                         on_message(self.peer_name, frame)  # type: ignore[arg-type]
                         continue
                 mesh.dispatch(self, frame)
@@ -250,6 +251,8 @@ class Connection(asyncio.Protocol):
                 mesh.report_bad_peer(self, str(exc))
                 self.abort()
                 return
+        if messages:  # the next request, or a reply, may follow soon (heartbeats: no)
+            self._poke()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.blocked = True
@@ -324,7 +327,6 @@ class Connection(asyncio.Protocol):
         else:
             transport.writelines(sealer.seal(data))
         self.last_sent = time.monotonic()
-        self._poke()  # a reply may come soon
         if self.established and transport.get_write_buffer_size() > self._max_send_buffer:
             # A peer this far behind is not reading: our memory is not its queue.
             self.drop(

@@ -375,6 +375,7 @@ class Messaging:
         started = time.perf_counter() if observer is not None else 0.0
         try:
             conn.send_encoded(frame)
+            conn.mesh.busy_poll.poke()  # the reply may come within µs: poll for it
             return await future
         finally:
             del calls[call_id]

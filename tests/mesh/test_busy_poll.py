@@ -1,7 +1,7 @@
-"""Busy polling (`SHOAL_BUSY_POLL_US`): mesh traffic keeps a node's loop polling for a
-moment, so that a reply or the next request is read without waking the process, and a
-node with nothing to do stops polling. (What it gains is measured by `bench/core.py`,
-the window itself in tests/test_loop.py.)
+"""Busy polling (`SHOAL_BUSY_POLL_US`): reading messages and sending a call keep a node's
+loop polling for a moment, so that the next request or the reply is read without waking
+the process, and a node with nothing to do stops polling. (What it gains is measured by
+`bench/core.py`, the window itself in tests/test_loop.py.)
 """
 
 from __future__ import annotations
@@ -17,21 +17,33 @@ from tests.mesh.test_messaging import mesh_of
 from tests.test_loop import FakeClock, loop_iterations
 
 
-async def test_sending_and_receiving_keep_the_loop_polling(
+async def test_a_message_read_and_a_call_sent_keep_the_loop_polling(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock()  # the window never ends while the clock stands still
     monkeypatch.setattr(shoal_loop, "time", clock)
     a, b = await mesh_of(make_node, 2)
-    received = asyncio.Event()
+    received, answer = asyncio.Event(), asyncio.Event()
     b.register("sink", lambda _payload, _sender: received.set(), sync_to_thread=False)
+
+    async def slow(payload: str, _sender: str) -> str:
+        await answer.wait()
+        return payload
+
+    b.register("slow", slow)
     assert a.mesh is not None and b.mesh is not None
     clock.now += 1  # every window so far has passed
     await loop_iterations()
-    await a.send(b.name, "sink", "one-way")  # written at once: the sender polls
-    assert a.mesh.busy_poll.polling
+    await a.send(b.name, "sink", "one-way")
     await asyncio.wait_for(received.wait(), 5)
-    assert b.mesh.busy_poll.polling  # the receiver too
+    assert b.mesh.busy_poll.polling  # it read a message: the next may follow soon
+    clock.now += 1
+    await loop_iterations()
+    call = asyncio.ensure_future(a.call(b.name, "slow", "ping"))
+    await loop_iterations()
+    assert a.mesh.busy_poll.polling  # waiting for the reply
+    answer.set()
+    assert await asyncio.wait_for(call, 5) == "ping"
 
 
 async def test_an_idle_node_stops_polling(make_node: NodeFactory) -> None:
