@@ -262,26 +262,37 @@ class FrameDecoder:
         if not buffer and data:
             # Common case: nothing left over from the last read. Decode straight
             # from `data`, and keep only its incomplete tail.
-            streamed = None
-            if size >= STREAM_FROM and max_frames is None:
-                streamed = self._stream(data)
-            frames, offset = streamed or self._decode(data, max_frames)
+            frames, offset = self._frames(data, max_frames)
             if offset < len(data):
                 buffer += memoryview(data)[offset:]
             return frames
         if data:
             buffer += data
-        frames, offset = self._decode(buffer, max_frames)
+        frames, offset = self._frames(buffer, max_frames)
         if offset:
             del buffer[:offset]
         return frames
 
-    def _stream(self, data: bytes) -> tuple[list[Any], int] | None:
+    def _frames(self, data: bytes | bytearray, max_frames: int | None) -> tuple[list[Any], int]:
+        """The complete frames at the start of `data`, and where they end: streamed when
+        that pays (many frames, the first of them complete), else frame by frame."""
+        size = len(data)
+        if (
+            max_frames is None
+            and size >= STREAM_FROM
+            and _header_unpack_from(data)[0] <= size - 4  # not a large frame still arriving
+        ):
+            streamed = self._stream(data)
+            if streamed is not None:
+                return streamed
+        return self._decode(data, max_frames)
+
+    def _stream(self, data: bytes | bytearray) -> tuple[list[Any], int] | None:
         """`_decode` for a read of many frames, at about 80 % of its cost: one streaming
         Unpacker reads them all, headers included, and each body must end where its
         header says. None, for `_decode` to redo the read and say what is wrong, when a
         frame is anything but plain msgpack of its declared length (a payload to salvage,
-        a frame over the limit, junk)."""
+        a frame over the limit, junk): such a read costs up to twice its decoding."""
         unpacker = msgpack.Unpacker(
             raw=False,
             strict_map_key=False,

@@ -234,11 +234,13 @@ def long_read(*frames: bytes) -> bytes:
     return FILLER * (wire.STREAM_FROM // len(FILLER) + 1) + b"".join(frames)
 
 
-def decoded(data: bytes) -> tuple[list[Any], int] | str:
-    """What a fresh decoder makes of one read: (frames, bytes kept) or the error."""
+def decoded(data: bytes, cut: int = 0) -> tuple[list[Any], int] | str:
+    """What a fresh decoder makes of `data` read in one piece, or in two at `cut`:
+    (frames, bytes kept) or the error."""
     decoder = wire.FrameDecoder(LIMIT)
     try:
-        return decoder.feed(data), decoder.pending
+        frames = decoder.feed(data[:cut]) if cut else []
+        return frames + decoder.feed(data[cut:]), decoder.pending
     except wire.FrameError as exc:
         return f"FrameError: {exc}"
 
@@ -279,9 +281,10 @@ def test_a_long_read_is_decoded_as_frame_by_frame_whatever_it_holds(
     monkeypatch: pytest.MonkeyPatch, tail: bytes
 ) -> None:
     data = long_read(tail)
-    streamed = decoded(data)
+    cuts = [0, 3, len(FILLER) + 50, len(data) - 2]  # the rest of a read left over, buffered
+    streamed = [decoded(data, cut) for cut in cuts]
     monkeypatch.setattr(wire, "STREAM_FROM", 2**62)  # frame by frame only
-    assert streamed == decoded(data)
+    assert streamed == [decoded(data, cut) for cut in cuts]
 
 
 def test_a_clean_long_read_is_streamed_not_decoded_frame_by_frame(
@@ -295,6 +298,13 @@ def test_a_clean_long_read_is_streamed_not_decoded_frame_by_frame(
     frames = wire.FrameDecoder(LIMIT).feed(data)
     assert frames[-1] == [wire.CALL, 7, "h", {"a": [1, 2.5, None]}]
     assert len(frames) == wire.STREAM_FROM // len(FILLER) + 2
+    # Also when a read ends inside a frame, and the next one completes it.
+    data += FILLER * 5
+    frames += [[wire.SEND, "filler", b"x" * 100]] * 5
+    cut = len(FILLER) * 5 + 9
+    decoder = wire.FrameDecoder(LIMIT)
+    assert decoder.feed(data[:cut]) == frames[:5]
+    assert decoder.feed(data[cut:]) == frames[5:]
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
