@@ -338,14 +338,17 @@ class FrameDecoder:
                     end = offset + 4 + length
                     if end > size:
                         break
+                    body = view[offset + 4 : end]
                     try:
-                        frames.append(_unpackb(view[offset + 4 : end]))
-                    except (TypeError, ValueError) as exc:  # a copy: a view in a FrameError's
-                        # traceback would keep the buffer exported, and clearing it would
-                        # fail (fuzzed)
-                        frames.append(_salvage(bytes(view[offset + 4 : end]), exc))
+                        frames.append(_unpackb(body))
+                    except (TypeError, ValueError) as exc:  # a copy: see below
+                        frames.append(_salvage(bytes(body), exc))
                     except Exception as exc:  # msgpack raises several types on bad input
                         raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
+                    finally:
+                        # A view that an error's traceback still holds would keep the buffer
+                        # exported, and clearing it would fail (fuzzed): released here.
+                        body.release()
                     offset = end
         except FrameError:
             self._buffer.clear()

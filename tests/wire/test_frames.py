@@ -261,6 +261,7 @@ def decoded(data: bytes, cut: int = 0) -> tuple[list[Any], int] | str:
         wire.encode_frame(wire.MEMBERS)[:7],  # an incomplete frame, kept for the next read
         FILLER[:3],  # an incomplete header
         wire.encode_frame(msgpack.ExtType(1, b"x")),  # an extension type, not a payload
+        wire.encode_frame([wire.SEND, "h", msgpack.ExtType(1, b"")]),  # an empty one
     ],
     ids=[
         "salvage",
@@ -275,6 +276,7 @@ def decoded(data: bytes, cut: int = 0) -> tuple[list[Any], int] | str:
         "incomplete frame",
         "incomplete header",
         "extension",
+        "empty extension",
     ],
 )
 def test_a_long_read_is_decoded_as_frame_by_frame_whatever_it_holds(
@@ -294,9 +296,10 @@ def test_a_clean_long_read_is_streamed_not_decoded_frame_by_frame(
         raise AssertionError("decoded frame by frame")
 
     monkeypatch.setattr(wire, "_unpackb", no_frame_by_frame)
-    data = long_read(wire.encode_frame([wire.CALL, 7, "h", {"a": [1, 2.5, None]}]))
+    payload = {"a": [1, 2.5, None], 7: "an int key"}
+    data = long_read(wire.encode_frame([wire.CALL, 7, "h", payload]))
     frames = wire.FrameDecoder(LIMIT).feed(data)
-    assert frames[-1] == [wire.CALL, 7, "h", {"a": [1, 2.5, None]}]
+    assert frames[-1] == [wire.CALL, 7, "h", payload]
     assert len(frames) == wire.STREAM_FROM // len(FILLER) + 2
     # Also when a read ends inside a frame, and the next one completes it.
     data += FILLER * 5
