@@ -125,10 +125,10 @@ class Settings:
     max_inflight_per_peer: int = 256
     # Worker threads for sync handlers (shared by all peers).
     handler_threads: int = 16
-    # After reading messages, and after sending a call, the event loop polls instead of
-    # sleeping for this long, so that the next request or the reply is read without
-    # waking the process (`shoal.loop.BusyPoll`). 0 turns it off: a round trip then takes
-    # two wake-ups longer, and no CPU polls.
+    # After reading calls, and after sending one, the event loop polls instead of
+    # sleeping for this long, so that the next call or the reply is read without waking
+    # the process (`shoal.loop.BusyPoll`). 0 turns it off: a round trip then takes two
+    # wake-ups longer, and no CPU polls.
     busy_poll: float = 0.00005
     # How long a graceful stop waits for singletons and jobs to finish.
     drain_timeout: float = 10.0

@@ -116,14 +116,15 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
 
 
 class BusyPoll:
-    """Keeps the event loop polling instead of sleeping for a moment after a message.
+    """Keeps the event loop polling instead of sleeping for a moment around a call.
 
     A process asleep in epoll takes several µs to wake (its vCPU may have halted), and a
     call's round trip wakes both nodes. With the reply, or the next request, usually due
     within tens of µs, polling answers sooner: a callback that queues itself again keeps
     the loop polling with a zero timeout. The BEAM's schedulers spin likewise before
-    they sleep (`+sbwt`). The mesh pokes it when it has read messages (not heartbeats)
-    and when a call is sent; a poke starts the window or moves its end (a clock read).
+    they sleep (`+sbwt`). The mesh pokes it when it has read calls and when it sends
+    one (not for one-way messages, replies or heartbeats, where a reader gains no
+    round trip); a poke starts the window or moves its end (a clock read).
     """
 
     def __init__(self, window: float) -> None:

@@ -237,13 +237,14 @@ class Connection(asyncio.Protocol):
         self._stats.frames_received += len(frames)
         mesh = self.mesh
         on_message = mesh._on_frame
-        messages = False
+        calls = False
         for frame in frames:
             try:
                 # Messages go straight to messaging (`Mesh.dispatch` routes the rest).
                 if type(frame) is list and frame and type(frame[0]) is int:
-                    if frame[0] in wire.PAYLOAD_KINDS:
-                        messages = True
+                    kind = frame[0]
+                    if kind in wire.PAYLOAD_KINDS:
+                        calls = calls or kind == wire.CALL
                         on_message(self.peer_name, frame)  # type: ignore[arg-type]
                         continue
                 mesh.dispatch(self, frame)
@@ -251,7 +252,7 @@ class Connection(asyncio.Protocol):
                 mesh.report_bad_peer(self, str(exc))
                 self.abort()
                 return
-        if messages:  # the next request, or a reply, may follow soon (heartbeats: no)
+        if calls:  # the caller's next call may follow within µs
             self._poke()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -1,7 +1,7 @@
-"""Busy polling (`SHOAL_BUSY_POLL_US`): reading messages and sending a call keep a node's
-loop polling for a moment, so that the next request or the reply is read without waking
-the process, and a node with nothing to do stops polling. (What it gains is measured by
-`bench/core.py`, the window itself in tests/test_loop.py.)
+"""Busy polling (`SHOAL_BUSY_POLL_US`): reading a call and sending one keep a node's loop
+polling for a moment, so that the next call or the reply is read without waking the
+process; one-way messages do not, and a node with nothing to do stops polling. (What it
+gains is measured by `bench/core.py`, the window itself in tests/test_loop.py.)
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from tests.mesh.test_messaging import mesh_of
 from tests.test_loop import FakeClock, loop_iterations
 
 
-async def test_a_message_read_and_a_call_sent_keep_the_loop_polling(
+async def test_a_call_keeps_the_caller_and_the_callee_polling_a_one_way_message_does_not(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock()  # the window never ends while the clock stands still
     monkeypatch.setattr(shoal_loop, "time", clock)
     a, b = await mesh_of(make_node, 2)
-    received, answer = asyncio.Event(), asyncio.Event()
+    received, answer, asked = asyncio.Event(), asyncio.Event(), asyncio.Event()
     b.register("sink", lambda _payload, _sender: received.set(), sync_to_thread=False)
 
     async def slow(payload: str, _sender: str) -> str:
+        asked.set()
         await answer.wait()
         return payload
 
@@ -34,14 +35,15 @@ async def test_a_message_read_and_a_call_sent_keep_the_loop_polling(
     assert a.mesh is not None and b.mesh is not None
     clock.now += 1  # every window so far has passed
     await loop_iterations()
+    # One-way: no round trip to gain, so neither side polls (a peer could otherwise
+    # keep a node polling with a stream of tiny messages).
     await a.send(b.name, "sink", "one-way")
     await asyncio.wait_for(received.wait(), 5)
-    assert b.mesh.busy_poll.polling  # it read a message: the next may follow soon
-    clock.now += 1
-    await loop_iterations()
+    assert not a.mesh.busy_poll.polling and not b.mesh.busy_poll.polling
     call = asyncio.ensure_future(a.call(b.name, "slow", "ping"))
-    await loop_iterations()
+    await asyncio.wait_for(asked.wait(), 5)
     assert a.mesh.busy_poll.polling  # waiting for the reply
+    assert b.mesh.busy_poll.polling  # it read a call: the next may follow soon
     answer.set()
     assert await asyncio.wait_for(call, 5) == "ping"
 
