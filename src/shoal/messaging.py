@@ -315,8 +315,8 @@ class Messaging:
         """Deliver `payload` to `handler` on `node`, without waiting for a reply."""
         if type(handler) is not str:  # (the checks' common case costs no call)
             check_name("handler", handler)
-        frame = wire.encode_frame([wire.SEND, handler, payload], self._max_frame)  # (inlined
-        # `_encode`: this is the path of every one-way message)
+        # `_encode`, inlined: this is the path of every one-way message.
+        frame = wire.encode_frame([wire.SEND, handler, payload], self._max_frame)
         if node == self.node_name:
             self._run_handler(handler, payload, self.node_name, None)
             return

@@ -92,15 +92,7 @@ def _no_ext(code: int, data: bytes) -> Any:
 # A function, not a functools.partial: a partial with keywords builds a dict per call and
 # makes msgpack parse it (about 0.25 us more per frame, a tenth of a small message's cost).
 def _unpackb(data: bytes | memoryview) -> Any:
-    try:
-        return msgpack.unpackb(
-            data, raw=False, strict_map_key=False, max_ext_len=0, ext_hook=_no_ext
-        )
-    except BaseException:
-        # The error's traceback holds this frame: it must not keep a view of the decoder's
-        # buffer exported, or clearing the buffer fails (BufferError, found by fuzzing).
-        del data
-        raise
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, max_ext_len=0, ext_hook=_no_ext)
 
 
 # Reads from this size up are decoded by one streaming Unpacker (`FrameDecoder._stream`):
@@ -341,13 +333,14 @@ class FrameDecoder:
                     body = view[offset + 4 : end]
                     try:
                         frames.append(_unpackb(body))
-                    except (TypeError, ValueError) as exc:  # a copy: see below
-                        frames.append(_salvage(bytes(body), exc))
+                    except (TypeError, ValueError) as exc:
+                        frames.append(_salvage(body, exc))
                     except Exception as exc:  # msgpack raises several types on bad input
                         raise FrameError(f"undecodable frame: {type(exc).__name__}") from None
                     finally:
                         # A view that an error's traceback still holds would keep the buffer
-                        # exported, and clearing it would fail (fuzzed): released here.
+                        # exported, and clearing it would fail (fuzzed): released here, the
+                        # one place that makes views of the buffer.
                         body.release()
                     offset = end
         except FrameError:
